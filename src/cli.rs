@@ -1,0 +1,118 @@
+//! The command line: `s2s-authz serve`, with logging set up and signals handled.
+
+use crate::config::{self, LogFormat, MctSettings, ServeArgs};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "s2s-authz",
+    version,
+    about = "Service-to-service authorization sidecar (Entra ID app tokens)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve decisions (native API and Envoy ext_authz) until SIGTERM or SIGINT; SIGHUP reloads.
+    Serve(ServeArgs),
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn load(args: &ServeArgs) -> Result<config::Settings, String> {
+    let mct = MctSettings::from_env(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+    config::load(args, &mct).map_err(|e| e.to_string())
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let settings = match load(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let running = match crate::server::start(settings).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match wait_for_signals(&running, &args).await {
+            Ok(()) => {
+                tracing::info!("shutting down: draining in-flight calls");
+                running.shutdown().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("cannot install signal handlers: {e}");
+                running.shutdown().await;
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(
+    running: &crate::server::Running,
+    args: &ServeArgs,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match load(args) {
+                Ok(settings) => running.reload(&settings),
+                // A bad edit must not take the allowlist down: keep serving the last good one.
+                Err(e) => tracing::error!("reload refused, keeping the current configuration: {e}"),
+            },
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(
+    _running: &crate::server::Running,
+    _args: &ServeArgs,
+) -> std::io::Result<()> {
+    tokio::signal::ctrl_c().await
+}

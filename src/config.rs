@@ -1,0 +1,941 @@
+//! Configuration: the YAML file, flags and environment variables (each flag has one), and the settings
+//! of Microsoft Community Training's service auth (`ServiceAuth*`), resolved into one `Settings`.
+//!
+//! Precedence, highest first: flag or its `S2S_AUTHZ_*` variable, the MCT variables, the file, defaults.
+
+use crate::core::DecisionSettings;
+use crate::core::ids::{ClientAppId, ObjectId, TenantId, is_guid};
+use crate::core::registry::{
+    AppEntry, AppEntryKind, ApplicationUser, Operation, RegistryError, RegistrySnapshot, Route,
+    SecurityRole, User,
+};
+use crate::core::trust::{AppOnlyRule, Audiences, OidcProfile};
+use crate::devissuer::{DevClient, DevIssuerConfig, DevTenant, TokenVersion};
+use crate::directory::OidcIssuer;
+use crate::jwks::KeySettings;
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The development setup the README's first command runs (`serve --dev-issuer` without `--config`).
+pub const EMBEDDED_DEV_CONFIG: &str = include_str!("../deploy/local/s2s-authz.yaml");
+
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:50052";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+pub const DEFAULT_DEV_ISSUER_ADDR: &str = "127.0.0.1:8400";
+pub const DEFAULT_INSTANCE: &str = "https://login.microsoftonline.com/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing `{path}`: {message}")]
+    Yaml { path: String, message: String },
+    #[error("`{field}`: {message}")]
+    Invalid { field: String, message: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The YAML file. Every field is optional; unknown fields are errors (a typo must not silently weaken policy).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub grpc_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub auth: AuthFile,
+    pub keys: KeysFile,
+    pub token_cache: TokenCacheFile,
+    pub oidc_issuers: Vec<OidcIssuerFile>,
+    pub security_roles: Vec<RoleFile>,
+    pub app_entries: Vec<AppEntryFile>,
+    pub users: Vec<UserFile>,
+    pub routes: Vec<RouteFile>,
+    pub dev_issuer: Option<DevIssuerFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthFile {
+    pub enabled: Option<bool>,
+    pub instance: Option<String>,
+    pub tenants: Vec<String>,
+    pub audiences: Vec<String>,
+    pub require_client_type: Option<bool>,
+    pub clock_skew_secs: Option<u64>,
+    pub algorithms: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysFile {
+    pub refresh_interval_secs: Option<u64>,
+    pub min_refresh_interval_secs: Option<u64>,
+    pub max_staleness_secs: Option<u64>,
+    pub fetch_timeout_ms: Option<u64>,
+    pub max_document_bytes: Option<usize>,
+    pub unknown_kid_wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenCacheFile {
+    pub max_entries: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcIssuerFile {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default = "default_app_id_claim")]
+    pub app_id_claim: String,
+    #[serde(default = "default_object_id_claim")]
+    pub object_id_claim: String,
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    #[serde(default = "default_app_only")]
+    pub app_only: AppOnlyRule,
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+}
+
+fn default_app_id_claim() -> String {
+    "client_id".to_owned()
+}
+fn default_object_id_claim() -> String {
+    "sub".to_owned()
+}
+fn default_roles_claim() -> String {
+    "roles".to_owned()
+}
+fn default_app_only() -> AppOnlyRule {
+    AppOnlyRule::SubEqualsAppId
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleFile {
+    pub name: String,
+    #[serde(default)]
+    pub privileges: Vec<PrivilegeFile>,
+    #[serde(default)]
+    pub act_on_behalf: bool,
+    #[serde(default)]
+    pub builtin: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivilegeFile {
+    pub resource: String,
+    pub operations: Vec<Operation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppEntryFile {
+    pub name: String,
+    pub tenant_id: String,
+    #[serde(default)]
+    pub client_app_id: Option<String>,
+    #[serde(default)]
+    pub object_id: Option<String>,
+    /// Defaults to CLIENT_CREDENTIALS when a client app id is given, else MANAGED_IDENTITY.
+    #[serde(default)]
+    pub kind: Option<AppEntryKind>,
+    #[serde(default)]
+    pub required_role: Option<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub application_user: AppUserFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppUserFile {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub security_role: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFile {
+    pub object_id: String,
+    pub name: String,
+    pub security_role: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    #[serde(default)]
+    pub method: Option<String>,
+    pub path: String,
+    pub resource: String,
+    pub operation: Operation,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevIssuerFile {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub token_lifetime_secs: Option<u64>,
+    pub tenants: Vec<DevTenantFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevTenantFile {
+    pub tenant_id: String,
+    pub clients: Vec<DevClientFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevClientFile {
+    pub client_id: String,
+    pub client_secret: String,
+    pub object_id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default = "default_version")]
+    pub token_version: TokenVersion,
+}
+
+fn default_version() -> TokenVersion {
+    TokenVersion::V2
+}
+
+/// Flags (and their `S2S_AUTHZ_*` variables) of `s2s-authz serve`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// YAML configuration file.
+    #[arg(long, env = "S2S_AUTHZ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Decision port: native API, Envoy ext_authz, health, reflection [default: 127.0.0.1:50051].
+    #[arg(long, env = "S2S_AUTHZ_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Administration port (loopback by default) [default: 127.0.0.1:50052].
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Prometheus `/metrics`, `/healthz` and `/readyz` [default: 127.0.0.1:9464].
+    #[arg(long, env = "S2S_AUTHZ_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Start the built-in development issuer (loopback only). Without `--config`, the embedded
+    /// development configuration (deploy/local/s2s-authz.yaml) is used.
+    #[arg(long, env = "S2S_AUTHZ_DEV_ISSUER")]
+    pub dev_issuer: bool,
+    /// Address of the development issuer [default: 127.0.0.1:8400].
+    #[arg(long, env = "S2S_AUTHZ_DEV_ISSUER_ADDR")]
+    pub dev_issuer_addr: Option<SocketAddr>,
+    /// Entra authority host [default: https://login.microsoftonline.com/].
+    #[arg(long, env = "S2S_AUTHZ_INSTANCE")]
+    pub instance: Option<String>,
+    /// Trusted tenant ids (or domain names), `;` or `,` separated.
+    #[arg(long, env = "S2S_AUTHZ_TENANTS")]
+    pub tenants: Option<String>,
+    /// Accepted audiences, `;` or `,` separated.
+    #[arg(long, env = "S2S_AUTHZ_AUDIENCES")]
+    pub audiences: Option<String>,
+    /// Require header `clienttype: service` (always on under the MCT settings).
+    #[arg(long, env = "S2S_AUTHZ_REQUIRE_CLIENT_TYPE")]
+    pub require_client_type: Option<bool>,
+    /// Allowed clock skew for `exp`/`nbf` [default: 300].
+    #[arg(long, env = "S2S_AUTHZ_CLOCK_SKEW_SECS")]
+    pub clock_skew_secs: Option<u64>,
+    /// Background key refresh period [default: 3600].
+    #[arg(long, env = "S2S_AUTHZ_KEY_REFRESH_SECS")]
+    pub key_refresh_secs: Option<u64>,
+    /// Minimum interval between refreshes of one issuer's keys [default: 30].
+    #[arg(long, env = "S2S_AUTHZ_MIN_KEY_REFRESH_SECS")]
+    pub min_key_refresh_secs: Option<u64>,
+    /// How long last-known-good keys serve while the issuer is unreachable [default: 86400].
+    #[arg(long, env = "S2S_AUTHZ_MAX_KEY_STALENESS_SECS")]
+    pub max_key_staleness_secs: Option<u64>,
+    /// Timeout of discovery and JWKS fetches [default: 5000].
+    #[arg(long, env = "S2S_AUTHZ_FETCH_TIMEOUT_MS")]
+    pub fetch_timeout_ms: Option<u64>,
+    /// Largest discovery or JWKS document accepted [default: 1048576].
+    #[arg(long, env = "S2S_AUTHZ_MAX_DOCUMENT_BYTES")]
+    pub max_document_bytes: Option<usize>,
+    /// How long a request with an unknown `kid` waits for a key refresh [default: 100].
+    #[arg(long, env = "S2S_AUTHZ_UNKNOWN_KID_WAIT_MS")]
+    pub unknown_kid_wait_ms: Option<u64>,
+    /// Verified-token cache size [default: 100000].
+    #[arg(long, env = "S2S_AUTHZ_TOKEN_CACHE_ENTRIES")]
+    pub token_cache_entries: Option<usize>,
+    /// Log format: `text` or `json` (filter with `RUST_LOG`) [default: text].
+    #[arg(long, env = "S2S_AUTHZ_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The settings of Microsoft Community Training's service auth, read from the environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MctSettings {
+    pub enabled: Option<bool>,
+    pub audience: Option<String>,
+    pub tenant_id: Option<String>,
+    pub tenant_name: Option<String>,
+    pub object_ids: Vec<String>,
+    pub application_ids: Vec<String>,
+    pub role: Option<String>,
+    pub instance: Option<String>,
+}
+
+impl MctSettings {
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| {
+            var(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let enabled = match get("ServiceAuthEnabled") {
+            None => None,
+            Some(v) => Some(
+                parse_bool(&v)
+                    .ok_or_else(|| invalid("ServiceAuthEnabled", "must be true or false"))?,
+            ),
+        };
+        Ok(MctSettings {
+            enabled,
+            audience: get("ServiceAuthAudience"),
+            tenant_id: get("ServiceAuthTenantId"),
+            tenant_name: get("ServiceAuthTenantName"),
+            object_ids: get("ServiceObjectIds")
+                .map(|v| split_list(&v))
+                .unwrap_or_default(),
+            application_ids: get("ServiceApplicationIds")
+                .map(|v| split_list(&v))
+                .unwrap_or_default(),
+            role: get("ServiceAuthRole"),
+            instance: get("ServiceAuthInstance"),
+        })
+    }
+
+    /// Whether an MCT deployment is configured (then `clienttype: service` is required).
+    pub fn active(&self) -> bool {
+        self.audience.is_some()
+            || self.tenant_id.is_some()
+            || self.tenant_name.is_some()
+            || !self.object_ids.is_empty()
+            || !self.application_ids.is_empty()
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Splits a `;`- (MCT) or `,`-separated list.
+pub fn split_list(v: &str) -> Vec<String> {
+    v.split([';', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Everything the service needs, resolved and validated.
+#[derive(Debug)]
+pub struct Settings {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub decision: DecisionSettings,
+    pub instance: String,
+    pub tenants: BTreeSet<String>,
+    pub oidc: Vec<OidcIssuer>,
+    pub keys: KeySettings,
+    pub fetch_timeout: Duration,
+    pub max_document_bytes: usize,
+    pub token_cache_entries: usize,
+    pub registry: RegistrySnapshot,
+    pub dev_issuer: Option<DevIssuerConfig>,
+    pub log_format: LogFormat,
+}
+
+/// Reads the file (if any) and resolves it with flags and the MCT variables.
+pub fn load(args: &ServeArgs, mct: &MctSettings) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(path) => read_file(path)?,
+        None if args.dev_issuer => {
+            parse_yaml(EMBEDDED_DEV_CONFIG, "embedded development configuration")?
+        }
+        None => FileConfig::default(),
+    };
+    resolve(file, args, mct)
+}
+
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_yaml(&text, &path.display().to_string())
+}
+
+pub fn parse_yaml(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
+        path: origin.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn secs(flag: Option<u64>, file: Option<u64>, default: u64) -> Duration {
+    Duration::from_secs(flag.or(file).unwrap_or(default))
+}
+
+fn millis(flag: Option<u64>, file: Option<u64>, default: u64) -> Duration {
+    Duration::from_millis(flag.or(file).unwrap_or(default))
+}
+
+fn addr(
+    flag: Option<SocketAddr>,
+    file: Option<SocketAddr>,
+    default: &str,
+    field: &str,
+) -> Result<SocketAddr, ConfigError> {
+    match flag.or(file) {
+        Some(a) => Ok(a),
+        None => default
+            .parse()
+            .map_err(|_| invalid(field, "bad default address")),
+    }
+}
+
+fn algorithms(names: &[String], field: &str) -> Result<Vec<Algorithm>, ConfigError> {
+    if names.is_empty() {
+        return Ok(vec![Algorithm::RS256]);
+    }
+    names
+        .iter()
+        .map(|n| match Algorithm::from_str(n) {
+            Ok(a) if a.family() != AlgorithmFamily::Hmac => Ok(a),
+            Ok(_) => Err(invalid(
+                field,
+                format!("`{n}`: HMAC algorithms are never accepted"),
+            )),
+            Err(_) => Err(invalid(
+                field,
+                format!("`{n}` is not a JWS signature algorithm"),
+            )),
+        })
+        .collect()
+}
+
+pub fn resolve(
+    file: FileConfig,
+    args: &ServeArgs,
+    mct: &MctSettings,
+) -> Result<Settings, ConfigError> {
+    let dev_issuer = dev_issuer(&file, args)?;
+    let instance = args
+        .instance
+        .clone()
+        .or_else(|| mct.instance.clone())
+        .or_else(|| file.auth.instance.clone())
+        .or_else(|| dev_issuer.as_ref().map(|d| format!("http://{}/", d.addr)))
+        .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned());
+    crate::fetch::check_url(&instance).map_err(|e| invalid("auth.instance", e.to_string()))?;
+
+    let mut tenants: BTreeSet<String> = match (&args.tenants, &mct.tenant_id, &mct.tenant_name) {
+        (Some(list), _, _) => split_list(list).into_iter().collect(),
+        (None, Some(id), _) => BTreeSet::from([id.clone()]),
+        (None, None, Some(name)) => BTreeSet::from([name.clone()]),
+        (None, None, None) => file.auth.tenants.iter().cloned().collect(),
+    };
+    tenants = tenants.into_iter().map(|t| normalise_tenant(&t)).collect();
+
+    let audiences: Vec<String> = match (&args.audiences, &mct.audience) {
+        (Some(list), _) => split_list(list),
+        (None, Some(list)) => split_list(list),
+        (None, None) => file.auth.audiences.clone(),
+    };
+    let audiences = Audiences::new(&audiences);
+    if audiences.is_empty() {
+        return Err(invalid(
+            "auth.audiences",
+            "at least one audience is required (or ServiceAuthAudience)",
+        ));
+    }
+
+    let require_client_type = mct.active()
+        || args
+            .require_client_type
+            .or(file.auth.require_client_type)
+            .unwrap_or(false);
+    let decision = DecisionSettings {
+        service_auth_enabled: mct.enabled.or(file.auth.enabled).unwrap_or(true),
+        require_client_type,
+        clock_skew_secs: i64::try_from(
+            args.clock_skew_secs
+                .or(file.auth.clock_skew_secs)
+                .unwrap_or(300),
+        )
+        .map_err(|_| invalid("auth.clock_skew_secs", "too large"))?,
+        audiences,
+        algorithms: algorithms(&file.auth.algorithms, "auth.algorithms")?,
+    };
+
+    let keys = KeySettings {
+        refresh_interval: secs(args.key_refresh_secs, file.keys.refresh_interval_secs, 3600),
+        min_refresh_interval: secs(
+            args.min_key_refresh_secs,
+            file.keys.min_refresh_interval_secs,
+            30,
+        ),
+        max_staleness: secs(
+            args.max_key_staleness_secs,
+            file.keys.max_staleness_secs,
+            86_400,
+        ),
+        unknown_kid_wait: millis(args.unknown_kid_wait_ms, file.keys.unknown_kid_wait_ms, 100),
+    };
+    if keys.refresh_interval.is_zero() {
+        return Err(invalid("keys.refresh_interval_secs", "must be positive"));
+    }
+
+    let mut oidc = Vec::new();
+    for (i, o) in file.oidc_issuers.iter().enumerate() {
+        let field = format!("oidc_issuers[{i}]");
+        crate::fetch::check_url(&o.issuer).map_err(|e| invalid(&field, e.to_string()))?;
+        oidc.push(OidcIssuer {
+            issuer: o.issuer.clone(),
+            profile: Arc::new(OidcProfile {
+                app_id_claim: o.app_id_claim.clone(),
+                object_id_claim: o.object_id_claim.clone(),
+                roles_claim: o.roles_claim.clone(),
+                app_only: o.app_only,
+                audiences: Audiences::new(&o.audiences),
+                algorithms: algorithms(&o.algorithms, &format!("{field}.algorithms"))?,
+            }),
+        });
+    }
+
+    let registry = provisioned_registry(&file, mct)?;
+
+    Ok(Settings {
+        grpc_addr: addr(
+            args.grpc_addr,
+            file.grpc_addr,
+            DEFAULT_GRPC_ADDR,
+            "grpc_addr",
+        )?,
+        admin_addr: addr(
+            args.admin_addr,
+            file.admin_addr,
+            DEFAULT_ADMIN_ADDR,
+            "admin_addr",
+        )?,
+        metrics_addr: addr(
+            args.metrics_addr,
+            file.metrics_addr,
+            DEFAULT_METRICS_ADDR,
+            "metrics_addr",
+        )?,
+        decision,
+        instance,
+        tenants,
+        oidc,
+        keys,
+        fetch_timeout: millis(args.fetch_timeout_ms, file.keys.fetch_timeout_ms, 5000),
+        max_document_bytes: args
+            .max_document_bytes
+            .or(file.keys.max_document_bytes)
+            .unwrap_or(1 << 20),
+        token_cache_entries: args
+            .token_cache_entries
+            .or(file.token_cache.max_entries)
+            .unwrap_or(100_000),
+        registry,
+        dev_issuer,
+        log_format: args.log_format,
+    })
+}
+
+fn normalise_tenant(t: &str) -> String {
+    if is_guid(t) {
+        t.to_ascii_lowercase()
+    } else {
+        t.to_owned()
+    }
+}
+
+fn dev_issuer(file: &FileConfig, args: &ServeArgs) -> Result<Option<DevIssuerConfig>, ConfigError> {
+    let section = file
+        .dev_issuer
+        .as_ref()
+        .filter(|d| d.enabled || args.dev_issuer);
+    let Some(section) = section else {
+        if args.dev_issuer {
+            return Err(invalid(
+                "dev_issuer",
+                "`--dev-issuer` needs a `dev_issuer` section in the configuration file",
+            ));
+        }
+        return Ok(None);
+    };
+    let addr = match args.dev_issuer_addr.or(section.addr) {
+        Some(a) => a,
+        None => DEFAULT_DEV_ISSUER_ADDR
+            .parse()
+            .map_err(|_| invalid("dev_issuer.addr", "bad default"))?,
+    };
+    if !addr.ip().is_loopback() {
+        return Err(invalid(
+            "dev_issuer.addr",
+            "the development issuer listens on loopback only",
+        ));
+    }
+    Ok(Some(DevIssuerConfig {
+        addr,
+        token_lifetime: Duration::from_secs(section.token_lifetime_secs.unwrap_or(3600)),
+        tenants: section
+            .tenants
+            .iter()
+            .map(|t| DevTenant {
+                tenant_id: normalise_tenant(&t.tenant_id),
+                clients: t
+                    .clients
+                    .iter()
+                    .map(|c| DevClient {
+                        client_id: c.client_id.clone(),
+                        client_secret: c.client_secret.clone(),
+                        object_id: c.object_id.clone(),
+                        roles: c.roles.clone(),
+                        token_version: c.token_version,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }))
+}
+
+/// A stable application-user id derived from the entry, so it survives restarts and reloads.
+fn derived_user_id(entry: &AppEntry) -> String {
+    let key = format!(
+        "{}/{}/{}",
+        entry.tenant_id,
+        entry
+            .client_app_id
+            .as_ref()
+            .map(ClientAppId::as_str)
+            .unwrap_or_default(),
+        entry
+            .object_id
+            .as_ref()
+            .map(ObjectId::as_str)
+            .unwrap_or_default()
+    );
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, key.as_bytes()).to_string()
+}
+
+fn guid_field(value: &str, field: &str) -> Result<(), ConfigError> {
+    if is_guid(value.trim()) {
+        Ok(())
+    } else {
+        Err(invalid(field, "must be a GUID"))
+    }
+}
+
+/// The entries, users, roles and routes that configuration provisions (file and MCT variables).
+pub fn provisioned_registry(
+    file: &FileConfig,
+    mct: &MctSettings,
+) -> Result<RegistrySnapshot, ConfigError> {
+    let mut roles: BTreeMap<String, SecurityRole> = BTreeMap::new();
+    for r in &file.security_roles {
+        let mut privileges: HashMap<String, BTreeSet<Operation>> = HashMap::new();
+        for p in &r.privileges {
+            privileges
+                .entry(p.resource.clone())
+                .or_default()
+                .extend(p.operations.iter().copied());
+        }
+        if roles
+            .insert(
+                r.name.clone(),
+                SecurityRole {
+                    name: r.name.clone(),
+                    privileges,
+                    act_on_behalf: r.act_on_behalf,
+                    builtin: r.builtin,
+                },
+            )
+            .is_some()
+        {
+            return Err(RegistryError::DuplicateRole(r.name.clone()).into());
+        }
+    }
+    let mut entries = Vec::new();
+    let mut app_users = Vec::new();
+    for (i, e) in file.app_entries.iter().enumerate() {
+        let field = format!("app_entries[{i}]");
+        if e.name.trim().is_empty() {
+            return Err(invalid(format!("{field}.name"), "must not be empty"));
+        }
+        guid_field(&e.tenant_id, &format!("{field}.tenant_id"))?;
+        if let Some(app) = &e.client_app_id {
+            guid_field(app, &format!("{field}.client_app_id"))?;
+        }
+        if let Some(oid) = &e.object_id {
+            guid_field(oid, &format!("{field}.object_id"))?;
+        }
+        let kind = e.kind.unwrap_or(if e.client_app_id.is_some() {
+            AppEntryKind::ClientCredentials
+        } else {
+            AppEntryKind::ManagedIdentity
+        });
+        let entry = AppEntry {
+            name: e.name.clone(),
+            tenant_id: TenantId::new(&e.tenant_id),
+            client_app_id: e.client_app_id.as_deref().map(ClientAppId::new),
+            object_id: e.object_id.as_deref().map(ObjectId::new),
+            kind,
+            required_role: e.required_role.clone(),
+            enabled: e.enabled,
+        };
+        app_users.push(ApplicationUser {
+            id: e
+                .application_user
+                .id
+                .clone()
+                .unwrap_or_else(|| derived_user_id(&entry)),
+            name: e
+                .application_user
+                .name
+                .clone()
+                .unwrap_or_else(|| e.name.clone()),
+            entry_name: e.name.clone(),
+            security_role: e.application_user.security_role.clone(),
+        });
+        entries.push(entry);
+    }
+
+    // MCT: each listed application id and object id becomes an entry with its own application user,
+    // holding a custom role named after ServiceAuthRole.
+    if !mct.application_ids.is_empty() || !mct.object_ids.is_empty() {
+        let Some(tenant) = &mct.tenant_id else {
+            return Err(invalid(
+                "ServiceAuthTenantId",
+                "is required with ServiceApplicationIds or ServiceObjectIds",
+            ));
+        };
+        guid_field(tenant, "ServiceAuthTenantId")?;
+        let role_name = mct.role.clone().unwrap_or_else(|| "S2SAppRole".to_owned());
+        if mct.role.is_none() && !mct.application_ids.is_empty() {
+            return Err(invalid(
+                "ServiceAuthRole",
+                "is required with ServiceApplicationIds",
+            ));
+        }
+        roles
+            .entry(role_name.clone())
+            .or_insert_with(|| SecurityRole {
+                name: role_name.clone(),
+                privileges: HashMap::new(),
+                act_on_behalf: false,
+                builtin: false,
+            });
+        for app in &mct.application_ids {
+            guid_field(app, "ServiceApplicationIds")?;
+            let entry = AppEntry {
+                name: format!("mct-app-{}", app.to_ascii_lowercase()),
+                tenant_id: TenantId::new(tenant),
+                client_app_id: Some(ClientAppId::new(app)),
+                object_id: None,
+                kind: AppEntryKind::ClientCredentials,
+                required_role: mct.role.clone(),
+                enabled: true,
+            };
+            app_users.push(ApplicationUser {
+                id: derived_user_id(&entry),
+                name: entry.name.clone(),
+                entry_name: entry.name.clone(),
+                security_role: role_name.clone(),
+            });
+            entries.push(entry);
+        }
+        for oid in &mct.object_ids {
+            guid_field(oid, "ServiceObjectIds")?;
+            let entry = AppEntry {
+                name: format!("mct-mi-{}", oid.to_ascii_lowercase()),
+                tenant_id: TenantId::new(tenant),
+                client_app_id: None,
+                object_id: Some(ObjectId::new(oid)),
+                kind: AppEntryKind::ManagedIdentity,
+                required_role: None,
+                enabled: true,
+            };
+            app_users.push(ApplicationUser {
+                id: derived_user_id(&entry),
+                name: entry.name.clone(),
+                entry_name: entry.name.clone(),
+                security_role: role_name.clone(),
+            });
+            entries.push(entry);
+        }
+    }
+
+    let users = file
+        .users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            guid_field(&u.object_id, &format!("users[{i}].object_id"))?;
+            Ok(User {
+                object_id: ObjectId::new(&u.object_id),
+                name: u.name.clone(),
+                security_role: u.security_role.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    let routes = file
+        .routes
+        .iter()
+        .map(|r| Route {
+            method: r.method.as_ref().map(|m| m.to_ascii_uppercase()),
+            path: r.path.clone(),
+            resource: r.resource.clone(),
+            operation: r.operation,
+        })
+        .collect();
+    Ok(RegistrySnapshot::build(
+        entries,
+        app_users,
+        roles.into_values().collect(),
+        users,
+        routes,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TENANT: &str = "8f3c1d2e-5b6a-4c7d-9e8f-0a1b2c3d4e5f";
+    const APP: &str = "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d";
+    const MI: &str = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b";
+
+    fn mct() -> MctSettings {
+        let env: HashMap<&str, &str> = HashMap::from([
+            ("ServiceAuthAudience", "api://mct-service"),
+            ("ServiceAuthTenantId", TENANT),
+            ("ServiceApplicationIds", APP),
+            ("ServiceObjectIds", MI),
+            ("ServiceAuthRole", "S2SAppRole"),
+        ]);
+        MctSettings::from_env(|k| env.get(k).map(|v| (*v).to_owned())).unwrap()
+    }
+
+    #[test]
+    fn mct_variables_work_on_their_own() {
+        let settings = resolve(FileConfig::default(), &ServeArgs::default(), &mct()).unwrap();
+        assert!(settings.decision.require_client_type);
+        assert!(settings.decision.service_auth_enabled);
+        assert!(settings.decision.audiences.accepts("api://mct-service"));
+        assert_eq!(settings.tenants, BTreeSet::from([TENANT.to_owned()]));
+        assert_eq!(settings.instance, DEFAULT_INSTANCE);
+        let t = TenantId::new(TENANT);
+        let app = settings
+            .registry
+            .find_entry(&t, Some(&ClientAppId::new(APP)), None)
+            .unwrap();
+        assert_eq!(app.kind, AppEntryKind::ClientCredentials);
+        assert_eq!(app.required_role.as_deref(), Some("S2SAppRole"));
+        let mi = settings
+            .registry
+            .find_entry(&t, None, Some(&ObjectId::new(MI)))
+            .unwrap();
+        assert_eq!(mi.required_role, None);
+        let user = settings.registry.application_user(&mi.name).unwrap();
+        assert_eq!(user.security_role, "S2SAppRole");
+    }
+
+    #[test]
+    fn service_auth_disabled_is_honoured_and_bad_values_refused() {
+        let off =
+            MctSettings::from_env(|k| (k == "ServiceAuthEnabled").then(|| "false".to_owned()))
+                .unwrap();
+        assert_eq!(off.enabled, Some(false));
+        assert!(
+            MctSettings::from_env(|k| (k == "ServiceAuthEnabled").then(|| "maybe".to_owned()))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_embedded_dev_config_resolves() {
+        let args = ServeArgs {
+            dev_issuer: true,
+            ..ServeArgs::default()
+        };
+        let settings = load(&args, &MctSettings::default()).unwrap();
+        let dev = settings.dev_issuer.unwrap();
+        assert!(dev.addr.ip().is_loopback());
+        assert_eq!(settings.instance, format!("http://{}/", dev.addr));
+        assert!(!settings.tenants.is_empty());
+        assert!(!settings.registry.entries().is_empty());
+    }
+
+    #[test]
+    fn refuses_typos_hmac_and_plain_http() {
+        assert!(parse_yaml("auth: {audience: [x]}", "t").is_err());
+        let file = parse_yaml("auth: {audiences: [x], algorithms: [HS256]}", "t").unwrap();
+        assert!(resolve(file, &ServeArgs::default(), &MctSettings::default()).is_err());
+        let file = parse_yaml(
+            "auth: {audiences: [x], instance: 'http://login.example/'}",
+            "t",
+        )
+        .unwrap();
+        assert!(resolve(file, &ServeArgs::default(), &MctSettings::default()).is_err());
+        let file = parse_yaml("auth: {audiences: [x]}", "t").unwrap();
+        let settings = resolve(file, &ServeArgs::default(), &MctSettings::default()).unwrap();
+        assert!(!settings.decision.require_client_type);
+        assert_eq!(settings.keys.min_refresh_interval, Duration::from_secs(30));
+        assert_eq!(settings.max_document_bytes, 1 << 20);
+    }
+}

@@ -1,0 +1,832 @@
+//! The decision pipeline: token → claims → caller → app entry → application user → role → decision.
+//!
+//! Three pure stages, so the cache layer can do its I/O between them without the core knowing:
+//! `precheck` (everything before a key is needed), `verify` (key and signature; its result is what a
+//! token cache may keep), and `authorize` (time, audience, app-only, allowlist, role, route,
+//! impersonation — evaluated afresh on every request so registry changes apply at once).
+//! A decision cannot fail: every problem is a `Denied` with a reason.
+
+use super::ids::{ClientAppId, ObjectId, TenantId};
+use super::keys::{KeySet, VerifyingKey};
+use super::reason::DenyReason;
+use super::registry::{AppEntryKind, RegistrySnapshot};
+use super::token::{self, Claims, MAX_TOKEN_BYTES, UnverifiedToken};
+use super::trust::{AppOnlyRule, Audiences, IssuerProfile, TrustSnapshot, TrustedIssuer};
+use jsonwebtoken::Algorithm;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Request headers, looked up by lower-case name.
+pub trait Headers: Sync {
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
+impl Headers for HashMap<String, String> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+}
+
+/// What is being decided: the raw bearer credential and the request it came with.
+pub struct Request<'a> {
+    /// The token as received, with or without a `Bearer ` prefix.
+    pub token: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a (dyn Headers + Sync),
+}
+
+/// The settings a decision depends on.
+#[derive(Clone, Debug)]
+pub struct DecisionSettings {
+    /// `ServiceAuthEnabled`: when false every call is denied.
+    pub service_auth_enabled: bool,
+    /// Whether calls must carry `clienttype: service` (always under the MCT settings).
+    pub require_client_type: bool,
+    pub clock_skew_secs: i64,
+    /// Audiences accepted for Entra tokens (and generic issuers without their own).
+    pub audiences: Audiences,
+    /// Algorithms accepted for Entra tokens.
+    pub algorithms: Vec<Algorithm>,
+}
+
+/// Every check, in evaluation order. The first failure is the reason reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    TokenPresent,
+    ServiceAuth,
+    ClientType,
+    Size,
+    Syntax,
+    Algorithm,
+    Issuer,
+    Key,
+    Signature,
+    Lifetime,
+    Audience,
+    AppOnly,
+    Allowlist,
+    Enabled,
+    Role,
+    RoutePrivilege,
+    Impersonation,
+}
+
+impl Check {
+    pub const ALL: [Check; 17] = [
+        Check::TokenPresent,
+        Check::ServiceAuth,
+        Check::ClientType,
+        Check::Size,
+        Check::Syntax,
+        Check::Algorithm,
+        Check::Issuer,
+        Check::Key,
+        Check::Signature,
+        Check::Lifetime,
+        Check::Audience,
+        Check::AppOnly,
+        Check::Allowlist,
+        Check::Enabled,
+        Check::Role,
+        Check::RoutePrivilege,
+        Check::Impersonation,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Check::TokenPresent => "token_present",
+            Check::ServiceAuth => "service_auth_enabled",
+            Check::ClientType => "client_type",
+            Check::Size => "size",
+            Check::Syntax => "syntax",
+            Check::Algorithm => "algorithm",
+            Check::Issuer => "issuer",
+            Check::Key => "key",
+            Check::Signature => "signature",
+            Check::Lifetime => "lifetime",
+            Check::Audience => "audience",
+            Check::AppOnly => "app_only",
+            Check::Allowlist => "allowlist",
+            Check::Enabled => "enabled",
+            Check::Role => "role",
+            Check::RoutePrivilege => "route_privilege",
+            Check::Impersonation => "impersonation",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Passed,
+    Failed,
+    Skipped,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceStep {
+    pub check: Check,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+/// Collects the trace for `Explain`; a disabled trace costs nothing on the hot path.
+#[derive(Debug, Default)]
+pub struct Trace(Option<Vec<TraceStep>>);
+
+impl Trace {
+    pub fn enabled() -> Self {
+        Trace(Some(Vec::with_capacity(Check::ALL.len())))
+    }
+
+    pub fn disabled() -> Self {
+        Trace(None)
+    }
+
+    fn pass(&mut self, check: Check, detail: impl FnOnce() -> String) {
+        if let Some(steps) = &mut self.0 {
+            steps.push(TraceStep {
+                check,
+                outcome: Outcome::Passed,
+                detail: detail(),
+            });
+        }
+    }
+
+    fn skip(&mut self, check: Check, detail: &str) {
+        if let Some(steps) = &mut self.0 {
+            steps.push(TraceStep {
+                check,
+                outcome: Outcome::Skipped,
+                detail: detail.to_owned(),
+            });
+        }
+    }
+
+    fn fail(&mut self, check: Check, denied: &Denied) {
+        if let Some(steps) = &mut self.0 {
+            steps.push(TraceStep {
+                check,
+                outcome: Outcome::Failed,
+                detail: format!("{}: {}", denied.reason, denied.message),
+            });
+        }
+    }
+
+    /// The steps in check order, every check not reached marked skipped.
+    pub fn finish(self) -> Vec<TraceStep> {
+        let Some(steps) = self.0 else {
+            return Vec::new();
+        };
+        let mut recorded = steps.into_iter().peekable();
+        let mut out = Vec::with_capacity(Check::ALL.len());
+        for check in Check::ALL {
+            match recorded.next_if(|s| s.check == check) {
+                Some(step) => out.push(step),
+                None => out.push(TraceStep {
+                    check,
+                    outcome: Outcome::Skipped,
+                    detail: "not evaluated".to_owned(),
+                }),
+            }
+        }
+        out
+    }
+}
+
+/// The verified identity of the caller; built only from claims whose signature was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant_id: TenantId,
+    pub client_app_id: Option<ClientAppId>,
+    pub object_id: Option<ObjectId>,
+    pub token_version: Option<String>,
+    pub expires_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    pub caller: Caller,
+    pub application_user_id: String,
+    pub application_user_name: String,
+    pub entry_name: String,
+    pub security_role: String,
+    pub effective_user: Option<ObjectId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub reason: DenyReason,
+    /// Human text; never token contents.
+    pub message: String,
+    /// Present only when the signature was verified.
+    pub caller: Option<Caller>,
+}
+
+impl Denied {
+    pub fn new(reason: DenyReason, message: impl Into<String>) -> Self {
+        Denied {
+            reason,
+            message: message.into(),
+            caller: None,
+        }
+    }
+
+    fn with_caller(mut self, caller: &Caller) -> Self {
+        self.caller = Some(caller.clone());
+        self
+    }
+}
+
+/// The answer. Never an error: every problem is a deny with a reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Box<Allowed>),
+    Deny(Box<Denied>),
+}
+
+impl Decision {
+    pub fn deny(reason: DenyReason, message: impl Into<String>) -> Self {
+        Decision::Deny(Box::new(Denied::new(reason, message)))
+    }
+
+    pub fn reason(&self) -> Option<DenyReason> {
+        match self {
+            Decision::Allow(_) => None,
+            Decision::Deny(d) => Some(d.reason),
+        }
+    }
+
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow(_))
+    }
+}
+
+/// A token that passed every check that needs no key, with the issuer it claims.
+#[derive(Debug)]
+pub struct Prechecked<'a> {
+    pub token: UnverifiedToken<'a>,
+    pub alg: Algorithm,
+    pub issuer: Arc<TrustedIssuer>,
+}
+
+impl Prechecked<'_> {
+    pub fn kid(&self) -> Option<&str> {
+        self.token.header.kid.as_deref()
+    }
+}
+
+/// A token whose signature checked out: what a verified-token cache may keep. Time, audience and
+/// allowlist are not part of it; they are checked on every use.
+#[derive(Clone, Debug)]
+pub struct VerifiedToken {
+    pub claims: Claims,
+    pub issuer: Arc<TrustedIssuer>,
+    pub caller: Caller,
+    pub roles: Vec<String>,
+    pub kid: Option<String>,
+}
+
+/// Strips an optional, case-insensitive `Bearer ` scheme and surrounding whitespace.
+pub fn bearer_token(raw: &str) -> &str {
+    let trimmed = raw.trim();
+    match trimmed.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => trimmed[7..].trim_start(),
+        _ => trimmed,
+    }
+}
+
+/// Stage 1: every check before a key is needed. On success the caller looks up the key for
+/// `issuer.jwks_uri` and the token's `kid`, refreshing its cache if it must, then calls `verify`.
+pub fn precheck<'a>(
+    request: &Request<'a>,
+    settings: &DecisionSettings,
+    trust: &TrustSnapshot,
+    trace: &mut Trace,
+) -> Result<Prechecked<'a>, Box<Denied>> {
+    let fail = |trace: &mut Trace, check, denied: Denied| {
+        trace.fail(check, &denied);
+        Err(Box::new(denied))
+    };
+    let raw = bearer_token(request.token);
+    if raw.is_empty() {
+        return fail(
+            trace,
+            Check::TokenPresent,
+            Denied::new(DenyReason::TokenMissing, "no bearer token was sent"),
+        );
+    }
+    trace.pass(Check::TokenPresent, String::new);
+
+    if !settings.service_auth_enabled {
+        return fail(
+            trace,
+            Check::ServiceAuth,
+            Denied::new(
+                DenyReason::ApplicationNotAllowed,
+                "service auth is disabled (`ServiceAuthEnabled=false`)",
+            ),
+        );
+    }
+    trace.pass(Check::ServiceAuth, String::new);
+
+    if settings.require_client_type {
+        let ok = request
+            .headers
+            .header("clienttype")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("service"));
+        if !ok {
+            return fail(
+                trace,
+                Check::ClientType,
+                Denied::new(
+                    DenyReason::ClientTypeMissing,
+                    "header `clienttype: service` is required",
+                ),
+            );
+        }
+        trace.pass(Check::ClientType, || "clienttype: service".to_owned());
+    } else {
+        trace.skip(Check::ClientType, "not required");
+    }
+
+    if raw.len() > MAX_TOKEN_BYTES {
+        return fail(
+            trace,
+            Check::Size,
+            Denied::new(
+                DenyReason::TokenTooLarge,
+                format!(
+                    "token is {} bytes; the limit is {MAX_TOKEN_BYTES}",
+                    raw.len()
+                ),
+            ),
+        );
+    }
+    trace.pass(Check::Size, || format!("{} bytes", raw.len()));
+
+    let token = match token::parse(raw) {
+        Ok(t) => t,
+        Err(e) => {
+            return fail(
+                trace,
+                Check::Syntax,
+                Denied::new(DenyReason::TokenMalformed, e.to_string()),
+            );
+        }
+    };
+    trace.pass(Check::Syntax, String::new);
+
+    // `none` and the HMAC family are never accepted, whatever the configuration says.
+    let alg = match Algorithm::from_str(&token.header.alg) {
+        Ok(a) if a.family() != jsonwebtoken::AlgorithmFamily::Hmac => a,
+        _ => {
+            return fail(
+                trace,
+                Check::Algorithm,
+                Denied::new(
+                    DenyReason::AlgorithmNotAllowed,
+                    "token algorithm is not accepted",
+                ),
+            );
+        }
+    };
+    // The allowed list depends on the issuer, which is checked next; check against the union here and
+    // the issuer's own list right after, so that the reported order stays alg → issuer.
+    let issuer = trust_issuer(&token.claims, trust);
+    let allowed =
+        match &issuer {
+            Ok(i) => match &i.profile {
+                IssuerProfile::Entra => settings.algorithms.contains(&alg),
+                IssuerProfile::Oidc(p) => p.algorithms.contains(&alg),
+            },
+            Err(_) => settings.algorithms.contains(&alg)
+                || trust.issuers().any(
+                    |i| matches!(&i.profile, IssuerProfile::Oidc(p) if p.algorithms.contains(&alg)),
+                ),
+        };
+    if !allowed {
+        return fail(
+            trace,
+            Check::Algorithm,
+            Denied::new(
+                DenyReason::AlgorithmNotAllowed,
+                format!("algorithm `{alg:?}` is not accepted"),
+            ),
+        );
+    }
+    trace.pass(Check::Algorithm, || format!("{alg:?}"));
+
+    let issuer = match issuer {
+        Ok(i) => i,
+        Err(denied) => return fail(trace, Check::Issuer, *denied),
+    };
+    trace.pass(Check::Issuer, || format!("tenant {}", issuer.tenant));
+    Ok(Prechecked { token, alg, issuer })
+}
+
+fn trust_issuer(claims: &Claims, trust: &TrustSnapshot) -> Result<Arc<TrustedIssuer>, Box<Denied>> {
+    let Some(iss) = claims.iss.as_deref() else {
+        return Err(Box::new(Denied::new(
+            DenyReason::IssuerNotTrusted,
+            "token has no `iss`",
+        )));
+    };
+    match trust.issuer(iss) {
+        Some(issuer) => {
+            if issuer.profile == IssuerProfile::Entra {
+                let tid_matches = claims
+                    .tid
+                    .as_deref()
+                    .is_some_and(|tid| TenantId::new(tid) == issuer.tenant);
+                if !tid_matches {
+                    return Err(Box::new(Denied::new(
+                        DenyReason::IssuerNotTrusted,
+                        "`tid` does not name the tenant of `iss`",
+                    )));
+                }
+            }
+            Ok(issuer.clone())
+        }
+        None if trust.is_pending(claims.tid.as_deref(), iss) => Err(Box::new(Denied::new(
+            DenyReason::IssuerUnavailable,
+            "the issuer's metadata has not been loaded yet",
+        ))),
+        None => Err(Box::new(Denied::new(
+            DenyReason::IssuerNotTrusted,
+            "issuer is not a trusted tenant's",
+        ))),
+    }
+}
+
+/// What the cache layer found for the token's key.
+pub enum KeyLookup<'k> {
+    /// No usable key set at all (never loaded, or older than the staleness limit).
+    Unavailable,
+    /// A key set is loaded (and was refreshed if it had to be).
+    Loaded(&'k KeySet),
+}
+
+/// Stage 2: key and signature. The result is independent of time and registry.
+pub fn verify(
+    pre: Prechecked<'_>,
+    keys: KeyLookup<'_>,
+    trace: &mut Trace,
+) -> Result<VerifiedToken, Box<Denied>> {
+    let fail = |trace: &mut Trace, check, denied: Denied| {
+        trace.fail(check, &denied);
+        Err(Box::new(denied))
+    };
+    let set = match keys {
+        KeyLookup::Unavailable => {
+            return fail(
+                trace,
+                Check::Key,
+                Denied::new(
+                    DenyReason::IssuerUnavailable,
+                    "no usable signing keys for this issuer",
+                ),
+            );
+        }
+        KeyLookup::Loaded(set) => set,
+    };
+    let key: &VerifyingKey = match set.find(pre.kid()) {
+        Some(k) => k,
+        None => {
+            return fail(
+                trace,
+                Check::Key,
+                Denied::new(
+                    DenyReason::KeyNotFound,
+                    "no published key matches the token's `kid`",
+                ),
+            );
+        }
+    };
+    if !key.accepts(pre.alg) {
+        return fail(
+            trace,
+            Check::Key,
+            Denied::new(
+                DenyReason::AlgorithmNotAllowed,
+                "the key does not allow the token's algorithm",
+            ),
+        );
+    }
+    trace.pass(Check::Key, || pre.kid().unwrap_or("(no kid)").to_owned());
+
+    let valid = jsonwebtoken::crypto::verify(
+        pre.token.signature,
+        pre.token.signing_input.as_bytes(),
+        &key.key,
+        pre.alg,
+    )
+    .unwrap_or(false);
+    if !valid {
+        return fail(
+            trace,
+            Check::Signature,
+            Denied::new(DenyReason::SignatureInvalid, "signature does not verify"),
+        );
+    }
+    trace.pass(Check::Signature, String::new);
+
+    let (caller, roles) = match identify(&pre.token.claims, &pre.issuer) {
+        Ok(found) => found,
+        Err(e) => {
+            return fail(
+                trace,
+                Check::Signature,
+                Denied::new(DenyReason::TokenMalformed, e.to_string()),
+            );
+        }
+    };
+    Ok(VerifiedToken {
+        kid: pre.token.header.kid,
+        claims: pre.token.claims,
+        issuer: pre.issuer,
+        caller,
+        roles,
+    })
+}
+
+fn identify(
+    claims: &Claims,
+    issuer: &TrustedIssuer,
+) -> Result<(Caller, Vec<String>), token::SyntaxError> {
+    let (app, oid, roles) = match &issuer.profile {
+        IssuerProfile::Entra => {
+            // v1 tokens name the caller in `appid`, v2 in `azp`; tokens without `ver` get whichever is there.
+            let app = match claims.ver.as_deref() {
+                Some("1.0") => claims.appid.as_deref(),
+                Some("2.0") => claims.azp.as_deref(),
+                _ => claims.appid.as_deref().or(claims.azp.as_deref()),
+            };
+            (app, claims.oid.as_deref(), claims.roles.clone())
+        }
+        IssuerProfile::Oidc(p) => (
+            claims.custom_str(&p.app_id_claim)?,
+            claims.custom_str(&p.object_id_claim)?,
+            claims.custom_roles(&p.roles_claim)?,
+        ),
+    };
+    let caller = Caller {
+        tenant_id: issuer.tenant.clone(),
+        client_app_id: app.map(ClientAppId::new),
+        object_id: oid.map(ObjectId::new),
+        token_version: claims.ver.clone(),
+        expires_at: claims.exp,
+    };
+    Ok((caller, roles))
+}
+
+/// Stage 3: everything that depends on the clock, the configuration and the registry.
+pub fn authorize(
+    verified: &VerifiedToken,
+    request: &Request<'_>,
+    settings: &DecisionSettings,
+    registry: &RegistrySnapshot,
+    now: i64,
+    trace: &mut Trace,
+) -> Decision {
+    let caller = &verified.caller;
+    let deny = |trace: &mut Trace, check, reason, message: String| {
+        let denied = Denied::new(reason, message).with_caller(caller);
+        trace.fail(check, &denied);
+        Decision::Deny(Box::new(denied))
+    };
+    let claims = &verified.claims;
+    let skew = settings.clock_skew_secs;
+    if now > claims.exp.saturating_add(skew) {
+        return deny(
+            trace,
+            Check::Lifetime,
+            DenyReason::TokenExpired,
+            format!("token expired {} s ago", now - claims.exp),
+        );
+    }
+    if let Some(nbf) = claims.nbf
+        && now.saturating_add(skew) < nbf
+    {
+        return deny(
+            trace,
+            Check::Lifetime,
+            DenyReason::TokenNotYetValid,
+            format!("token is valid only in {} s", nbf - now),
+        );
+    }
+    trace.pass(Check::Lifetime, || format!("expires at {}", claims.exp));
+
+    let audiences = match &verified.issuer.profile {
+        IssuerProfile::Oidc(p) if !p.audiences.is_empty() => &p.audiences,
+        _ => &settings.audiences,
+    };
+    if !claims.aud.iter().any(|a| audiences.accepts(a)) {
+        return deny(
+            trace,
+            Check::Audience,
+            DenyReason::AudienceMismatch,
+            "token is not for this service's audience".to_owned(),
+        );
+    }
+    trace.pass(Check::Audience, String::new);
+
+    let rule = match &verified.issuer.profile {
+        IssuerProfile::Entra => AppOnlyRule::Entra,
+        IssuerProfile::Oidc(p) => p.app_only,
+    };
+    if let Err(why) = app_only(claims, caller, rule) {
+        return deny(
+            trace,
+            Check::AppOnly,
+            DenyReason::NotAppToken,
+            why.to_owned(),
+        );
+    }
+    trace.pass(Check::AppOnly, String::new);
+
+    let Some(entry) = registry.find_entry(
+        &caller.tenant_id,
+        caller.client_app_id.as_ref(),
+        caller.object_id.as_ref(),
+    ) else {
+        return deny(
+            trace,
+            Check::Allowlist,
+            DenyReason::ApplicationNotAllowed,
+            "no app entry matches this application in this tenant".to_owned(),
+        );
+    };
+    trace.pass(Check::Allowlist, || {
+        format!("entry `{}` ({:?})", entry.name, entry.kind)
+    });
+
+    if !entry.enabled {
+        return deny(
+            trace,
+            Check::Enabled,
+            DenyReason::ApplicationDisabled,
+            format!("app entry `{}` is disabled", entry.name),
+        );
+    }
+    trace.pass(Check::Enabled, String::new);
+
+    match &entry.required_role {
+        Some(role) if !verified.roles.iter().any(|r| r == role) => {
+            return deny(
+                trace,
+                Check::Role,
+                DenyReason::RoleMissing,
+                format!("token lacks app role `{role}`"),
+            );
+        }
+        Some(role) => trace.pass(Check::Role, || role.clone()),
+        None => trace.skip(
+            Check::Role,
+            if entry.kind == AppEntryKind::ManagedIdentity {
+                "managed identity: no role required"
+            } else {
+                "no role required"
+            },
+        ),
+    }
+
+    // Validated at snapshot build: every entry has an application user holding a known role.
+    let (Some(app_user), Some(role)) = (
+        registry.application_user(&entry.name),
+        registry
+            .application_user(&entry.name)
+            .and_then(|u| registry.role(&u.security_role)),
+    ) else {
+        return deny(
+            trace,
+            Check::RoutePrivilege,
+            DenyReason::ApplicationNotAllowed,
+            "app entry has no application user".to_owned(),
+        );
+    };
+
+    let route = if registry.has_routes() {
+        match registry.route_for(request.method, request.path) {
+            None => {
+                return deny(
+                    trace,
+                    Check::RoutePrivilege,
+                    DenyReason::PrivilegeMissing,
+                    "no route matches this request".to_owned(),
+                );
+            }
+            Some(route) if !role.grants(&route.resource, route.operation) => {
+                return deny(
+                    trace,
+                    Check::RoutePrivilege,
+                    DenyReason::PrivilegeMissing,
+                    format!(
+                        "role `{}` may not {} `{}`",
+                        role.name,
+                        route.operation.as_str(),
+                        route.resource
+                    ),
+                );
+            }
+            Some(route) => {
+                trace.pass(Check::RoutePrivilege, || {
+                    format!("{} `{}`", route.operation.as_str(), route.resource)
+                });
+                Some(route)
+            }
+        }
+    } else {
+        trace.skip(Check::RoutePrivilege, "no route table: role reported only");
+        None
+    };
+
+    let effective_user = match request
+        .headers
+        .header("callerobjectid")
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        None => {
+            trace.skip(Check::Impersonation, "no `callerobjectid`");
+            None
+        }
+        Some(target) => {
+            if !role.act_on_behalf {
+                return deny(
+                    trace,
+                    Check::Impersonation,
+                    DenyReason::ImpersonationNotAllowed,
+                    format!("role `{}` may not act on behalf of users", role.name),
+                );
+            }
+            let target = ObjectId::new(target);
+            let Some(user) = registry.user(&target) else {
+                return deny(
+                    trace,
+                    Check::Impersonation,
+                    DenyReason::ImpersonationNotAllowed,
+                    "the impersonated user is not known".to_owned(),
+                );
+            };
+            // Effective privileges are the intersection of both roles: the user's must grant it too.
+            if let Some(route) = route {
+                let user_role = registry.role(&user.security_role);
+                if !user_role.is_some_and(|r| r.grants(&route.resource, route.operation)) {
+                    return deny(
+                        trace,
+                        Check::Impersonation,
+                        DenyReason::PrivilegeMissing,
+                        format!(
+                            "impersonated user may not {} `{}`",
+                            route.operation.as_str(),
+                            route.resource
+                        ),
+                    );
+                }
+            }
+            trace.pass(Check::Impersonation, || {
+                format!("acting as user `{}`", user.name)
+            });
+            Some(target)
+        }
+    };
+
+    Decision::Allow(Box::new(Allowed {
+        caller: caller.clone(),
+        application_user_id: app_user.id.clone(),
+        application_user_name: app_user.name.clone(),
+        entry_name: entry.name.clone(),
+        security_role: role.name.clone(),
+        effective_user,
+    }))
+}
+
+fn app_only(claims: &Claims, caller: &Caller, rule: AppOnlyRule) -> Result<(), &'static str> {
+    match rule {
+        AppOnlyRule::Any => Ok(()),
+        AppOnlyRule::Entra => {
+            // `idtyp`, when present, alone decides.
+            if let Some(idtyp) = claims.idtyp.as_deref() {
+                return if idtyp == "app" {
+                    Ok(())
+                } else {
+                    Err("`idtyp` is not `app`")
+                };
+            }
+            if claims.scp.is_some() {
+                return Err("token carries delegated scopes (`scp`)");
+            }
+            match (claims.oid.as_deref(), claims.sub.as_deref()) {
+                (Some(oid), Some(sub)) if oid == sub => Ok(()),
+                _ => Err("`oid` and `sub` differ: not an application token"),
+            }
+        }
+        AppOnlyRule::SubEqualsAppId => match (claims.sub.as_deref(), caller.client_app_id.as_ref())
+        {
+            (Some(sub), Some(app)) if ClientAppId::new(sub) == *app => Ok(()),
+            _ => Err("`sub` is not the application id: not an application token"),
+        },
+    }
+}

@@ -1,0 +1,85 @@
+//! Identifier newtypes, so that a tenant id can never be passed where a client app id is expected.
+//!
+//! Entra identifiers are GUIDs, compared case-insensitively; they are normalised to lower case on
+//! construction. Generic OIDC issuers use arbitrary strings (an issuer URL as the tenant, a `client_id`
+//! as the application id), which are kept exactly as given.
+
+use std::fmt;
+
+fn normalise(raw: &str) -> String {
+    let trimmed = raw.trim();
+    if is_guid(trimmed) {
+        trimmed.to_ascii_lowercase()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// Whether `s` is a GUID in the canonical 8-4-4-4-12 hexadecimal form Entra uses.
+pub fn is_guid(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(raw: &str) -> Self {
+                Self(normalise(raw))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An Entra tenant (directory) id, or a generic OIDC issuer URL playing the tenant's part.
+    TenantId
+);
+id_type!(
+    /// The calling application's id: `appid` (v1), `azp` (v2) or a generic issuer's client id claim.
+    ClientAppId
+);
+id_type!(
+    /// A service principal's or user's object id (`oid`).
+    ObjectId
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guids_compare_case_insensitively() {
+        let a = TenantId::new("AAAAAAAA-0000-4000-8000-00000000000A");
+        let b = TenantId::new("aaaaaaaa-0000-4000-8000-00000000000a");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn non_guids_are_kept_verbatim() {
+        assert_eq!(
+            TenantId::new("https://Issuer.example/").as_str(),
+            "https://Issuer.example/"
+        );
+        assert!(!is_guid("aaaaaaaa-0000-4000-8000-00000000000"));
+        assert!(!is_guid("aaaaaaaa_0000-4000-8000-00000000000a"));
+    }
+}

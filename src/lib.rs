@@ -1,0 +1,17 @@
+//! s2s-authz: a gRPC policy-decision sidecar for Entra ID style service-to-service authorization.
+//!
+//! See `ARCHITECTURE.md` for the map. In short: `core` decides (pure), `jwks`/`directory`/`engine`
+//! hold the caches, `grpc` and `metrics` adapt, `server` wires, `main` parses flags.
+
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod devissuer;
+pub mod directory;
+pub mod engine;
+pub mod fetch;
+pub mod grpc;
+pub mod jwks;
+pub mod metrics;
+pub mod proto;
+pub mod server;

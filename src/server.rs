@@ -1,0 +1,266 @@
+//! Wires the service together: caches, the authorizer, the development issuer, and the three listeners
+//! (decision port, admin port, metrics). Used by `main` and, in-process on `127.0.0.1:0`, by tests.
+
+use crate::config::Settings;
+use crate::devissuer::DevIssuer;
+use crate::directory::IssuerDirectory;
+use crate::engine::{Authorizer, Policy};
+use crate::fetch::Fetcher;
+use crate::grpc::{ext_authz::ExtAuthz, native::NativeApi};
+use crate::jwks::JwksCache;
+use crate::metrics::Metrics;
+use crate::proto::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::proto::s2sauthz::v1::authorizer_server::AuthorizerServer;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+/// Service names whose health follows key readiness (besides the overall `""`).
+pub const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    "s2sauthz.v1.Authorizer",
+    "envoy.service.auth.v3.Authorization",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting the development issuer: {0}")]
+    DevIssuer(#[from] crate::devissuer::DevIssuerError),
+    #[error("{0}")]
+    Fetcher(#[from] crate::fetch::FetchError),
+    #[error("building reflection: {0}")]
+    Reflection(String),
+}
+
+/// A running service. Dropping it does not stop it; call `shutdown`.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub authorizer: Arc<Authorizer>,
+    pub dev_issuer: Option<DevIssuer>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    background: JoinSet<()>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn tenant_strings(policy: &Policy) -> BTreeSet<String> {
+    policy
+        .registry
+        .entry_tenants()
+        .into_iter()
+        .map(|t| t.to_string())
+        .collect()
+}
+
+pub async fn start(settings: Settings) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let dev_issuer = match settings.dev_issuer.clone() {
+        Some(config) => Some(DevIssuer::start(config).await?),
+        None => None,
+    };
+    // When the instance points at the development issuer, use its real address (it may have bound port 0).
+    let instance = match &dev_issuer {
+        Some(dev)
+            if settings.instance
+                == format!(
+                    "http://{}/",
+                    settings
+                        .dev_issuer
+                        .as_ref()
+                        .map(|d| d.addr)
+                        .unwrap_or(dev.local_addr())
+                ) =>
+        {
+            dev.instance()
+        }
+        _ => settings.instance.clone(),
+    };
+
+    let fetcher = Fetcher::new(settings.fetch_timeout, settings.max_document_bytes)?;
+    let jwks = JwksCache::new(fetcher.clone(), settings.keys.clone(), metrics.clone());
+    let directory = IssuerDirectory::new(
+        fetcher,
+        jwks,
+        &instance,
+        settings.tenants.clone(),
+        settings.oidc.clone(),
+    );
+    let policy = Policy {
+        settings: settings.decision.clone(),
+        registry: settings.registry.clone(),
+    };
+    directory.set_tenants(tenant_strings(&policy));
+    let authorizer = Arc::new(Authorizer::new(policy, directory.clone(), metrics.clone()));
+
+    let grpc = bind("the decision port", settings.grpc_addr).await?;
+    let admin = bind("the admin port", settings.admin_addr).await?;
+    let metrics_listener = bind("the metrics port", settings.metrics_addr).await?;
+    let local = |l: &TcpListener, addr| l.local_addr().unwrap_or(addr);
+    let (grpc_addr, admin_addr, metrics_addr) = (
+        local(&grpc, settings.grpc_addr),
+        local(&admin, settings.admin_addr),
+        local(&metrics_listener, settings.metrics_addr),
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in HEALTH_SERVICES {
+        health_reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+
+    let (stop, _) = watch::channel(false);
+    let stopped = |stop: &watch::Sender<bool>| {
+        let mut rx = stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = JoinSet::new();
+    let mut background = JoinSet::new();
+
+    // Health follows readiness: NOT_SERVING until every configured tenant's keys have loaded once.
+    let mut ready = directory.readiness();
+    let reporter = health_reporter.clone();
+    background.spawn(async move {
+        if ready.wait_for(|r| *r).await.is_ok() {
+            for name in HEALTH_SERVICES {
+                reporter
+                    .set_service_status(name, ServingStatus::Serving)
+                    .await;
+            }
+            tracing::info!("signing keys loaded: serving");
+        }
+    });
+    let discovery = directory.clone();
+    background.spawn(async move {
+        discovery.refresh_all(true).await;
+        discovery.run_background().await;
+    });
+
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let decision_router = tonic::transport::Server::builder()
+        .add_service(health_service.clone())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AuthorizerServer::new(NativeApi::new(authorizer.clone())))
+        .add_service(AuthorizationServer::new(ExtAuthz::new(authorizer.clone())));
+    let shutdown = stopped(&stop);
+    tasks.spawn(async move {
+        if let Err(e) = decision_router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "decision port failed");
+        }
+    });
+
+    let (admin_reflection_v1, admin_reflection_v1alpha) = reflection()?;
+    let admin_router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(admin_reflection_v1)
+        .add_service(admin_reflection_v1alpha);
+    let shutdown = stopped(&stop);
+    tasks.spawn(async move {
+        if let Err(e) = admin_router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(admin), shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "admin port failed");
+        }
+    });
+
+    let router = crate::metrics::router(metrics, directory.readiness());
+    let shutdown = stopped(&stop);
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "metrics port failed");
+        }
+    });
+
+    tracing::info!(%grpc_addr, %admin_addr, %metrics_addr, %instance, "s2s-authz listening");
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        metrics_addr,
+        authorizer,
+        dev_issuer,
+        stop,
+        tasks,
+        background,
+    })
+}
+
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    StartError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    Ok((v1, v1alpha))
+}
+
+impl Running {
+    /// Applies a reloaded configuration's policy (settings and allowlist) atomically. Listener
+    /// addresses and key settings need a restart.
+    pub fn reload(&self, settings: &Settings) {
+        let policy = Policy {
+            settings: settings.decision.clone(),
+            registry: settings.registry.clone(),
+        };
+        let tenants = tenant_strings(&policy);
+        self.authorizer.allowlist().replace(policy);
+        self.authorizer.directory().set_tenants(tenants);
+        tracing::info!(
+            entries = settings.registry.entries().len(),
+            "configuration reloaded"
+        );
+    }
+
+    /// Stops accepting, lets in-flight calls finish, and returns when every listener has closed.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.background.shutdown().await;
+        if let Some(dev) = self.dev_issuer.take() {
+            dev.shutdown().await;
+        }
+    }
+}
