@@ -291,6 +291,9 @@ pub struct VerifiedToken {
 /// Strips an optional, case-insensitive `Bearer ` scheme and surrounding whitespace.
 pub fn bearer_token(raw: &str) -> &str {
     let trimmed = raw.trim();
+    if trimmed.eq_ignore_ascii_case("bearer") {
+        return "";
+    }
     match trimmed.get(..7) {
         Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => trimmed[7..].trim_start(),
         _ => trimmed,
