@@ -298,12 +298,12 @@ fn run(c: &Case) -> (Decision, Vec<TraceStep>) {
     let mut trace = Trace::enabled();
     let decision = (|| {
         let pre = decision::precheck(&request, &c.settings, &trust(), &mut trace)
-            .map_err(|d| Decision::Deny(d))?;
+            .map_err(Decision::Deny)?;
         let keys = match &c.keys {
             Some(set) => KeyLookup::Loaded(set),
             None => KeyLookup::Unavailable,
         };
-        let verified = decision::verify(pre, keys, &mut trace).map_err(|d| Decision::Deny(d))?;
+        let verified = decision::verify(pre, keys, &mut trace).map_err(Decision::Deny)?;
         Ok::<_, Decision>(decision::authorize(
             &verified,
             &request,
