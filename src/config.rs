@@ -717,12 +717,26 @@ pub fn provisioned_registry(
         if e.name.trim().is_empty() {
             return Err(invalid(format!("{field}.name"), "must not be empty"));
         }
-        guid_field(&e.tenant_id, &format!("{field}.tenant_id"))?;
-        if let Some(app) = &e.client_app_id {
-            guid_field(app, &format!("{field}.client_app_id"))?;
+        // Entra tenants are GUIDs; a generic OIDC issuer's URL plays the tenant's part, and its client
+        // and object ids are whatever strings that provider uses.
+        let entra = is_guid(e.tenant_id.trim());
+        if !entra && crate::fetch::check_url(e.tenant_id.trim()).is_err() {
+            return Err(invalid(
+                format!("{field}.tenant_id"),
+                "must be a tenant GUID, or the URL of a configured OIDC issuer (https, or http on loopback)",
+            ));
         }
-        if let Some(oid) = &e.object_id {
-            guid_field(oid, &format!("{field}.object_id"))?;
+        for (name, value) in [
+            ("client_app_id", &e.client_app_id),
+            ("object_id", &e.object_id),
+        ] {
+            let Some(value) = value else { continue };
+            let field = format!("{field}.{name}");
+            if entra {
+                guid_field(value, &field)?;
+            } else if value.trim().is_empty() || value.len() > 256 {
+                return Err(invalid(field, "must be 1 to 256 characters"));
+            }
         }
         let kind = e.kind.unwrap_or(if e.client_app_id.is_some() {
             AppEntryKind::ClientCredentials

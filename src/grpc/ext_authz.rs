@@ -18,15 +18,6 @@ use tonic::{Response, Status};
 
 /// Identity headers set on allowed requests. Callers can never supply them: whatever of these the
 /// sidecar does not set is removed, as is any other `x-s2s-*` header the caller sent.
-pub const IDENTITY_HEADERS: [&str; 7] = [
-    HEADER_CLIENT_APP_ID,
-    HEADER_TENANT_ID,
-    HEADER_OBJECT_ID,
-    HEADER_APPLICATION_USER_ID,
-    HEADER_APPLICATION_USER_NAME,
-    HEADER_SECURITY_ROLE,
-    HEADER_EFFECTIVE_USER,
-];
 pub const HEADER_CLIENT_APP_ID: &str = "x-s2s-client-app-id";
 pub const HEADER_TENANT_ID: &str = "x-s2s-tenant-id";
 pub const HEADER_OBJECT_ID: &str = "x-s2s-object-id";
@@ -35,6 +26,19 @@ pub const HEADER_APPLICATION_USER_NAME: &str = "x-s2s-application-user-name";
 pub const HEADER_SECURITY_ROLE: &str = "x-s2s-security-role";
 pub const HEADER_EFFECTIVE_USER: &str = "x-s2s-effective-user";
 pub const HEADER_DENY_REASON: &str = "x-s2s-deny-reason";
+
+/// Every `x-s2s-*` header the contract defines: on an allowed request, those the sidecar did not set
+/// are always removed, even if Envoy's `allowed_headers` hid them from the check request.
+pub const CONTRACT_HEADERS: [&str; 8] = [
+    HEADER_CLIENT_APP_ID,
+    HEADER_TENANT_ID,
+    HEADER_OBJECT_ID,
+    HEADER_APPLICATION_USER_ID,
+    HEADER_APPLICATION_USER_NAME,
+    HEADER_SECURITY_ROLE,
+    HEADER_EFFECTIVE_USER,
+    HEADER_DENY_REASON,
+];
 
 /// The gRPC codes of `google.rpc.Status` used in `CheckResponse.status`.
 const CODE_OK: i32 = 0;
@@ -171,7 +175,7 @@ pub fn check_response(
             // An empty value (e.g. no `oid`) is not set, so it is removed like any other unset header.
             set.retain(|(_, v)| !v.is_empty());
             let is_set = |name: &str| set.iter().any(|(k, _)| *k == name);
-            let mut headers_to_remove: Vec<String> = IDENTITY_HEADERS
+            let mut headers_to_remove: Vec<String> = CONTRACT_HEADERS
                 .iter()
                 .filter(|h| !is_set(h))
                 .map(|h| (*h).to_owned())
@@ -179,7 +183,7 @@ pub fn check_response(
             let mut spoofed: Vec<&String> = request_headers
                 .keys()
                 .filter(|k| {
-                    k.starts_with("x-s2s-") && !is_set(k) && !IDENTITY_HEADERS.contains(&k.as_str())
+                    k.starts_with("x-s2s-") && !is_set(k) && !CONTRACT_HEADERS.contains(&k.as_str())
                 })
                 .collect();
             spoofed.sort();
