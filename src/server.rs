@@ -61,11 +61,14 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// The Entra tenants app entries make trusted. Entries of generic OIDC issuers name the issuer URL as
+/// their tenant; those issuers are trusted (and discovered) through `oidc_issuers`, not here.
 fn tenant_strings(policy: &Policy) -> BTreeSet<String> {
     policy
         .registry
         .entry_tenants()
         .into_iter()
+        .filter(|t| crate::core::ids::is_guid(t.as_str()))
         .map(|t| t.to_string())
         .collect()
 }
