@@ -218,12 +218,14 @@ fn registry(with_routes: bool) -> RegistrySnapshot {
     let routes = if with_routes {
         vec![
             Route {
+                id: "r1".to_owned(),
                 method: Some("GET".to_owned()),
                 path: "/orders".to_owned(),
                 resource: "orders".to_owned(),
                 operation: Operation::Read,
             },
             Route {
+                id: "r2".to_owned(),
                 method: Some("POST".to_owned()),
                 path: "/orders".to_owned(),
                 resource: "orders".to_owned(),
@@ -415,7 +417,11 @@ fn every_case_decides_as_expected() {
             "abc.def".to_owned(),
             Err(DenyReason::TokenMalformed),
         ),
-        case("unsigned", unsigned, Err(DenyReason::TokenMalformed)),
+        case(
+            "unsigned (alg none, empty signature)",
+            unsigned,
+            Err(DenyReason::AlgorithmNotAllowed),
+        ),
         case(
             "crit header",
             sign_raw(
