@@ -129,8 +129,8 @@ impl IssuerDirectory {
         // Keys of tenants no longer trusted are dropped; the rest stay warm.
         let trust = self.trust();
         let in_use: HashSet<&str> = trust.issuers().map(|i| i.jwks_uri.as_str()).collect();
-        self.jwks
-            .retain(|uri| in_use.contains(uri) || !self.jwks.has_loaded(uri));
+        // The closure must not touch the cache itself: `retain` holds its shards' locks.
+        self.jwks.retain(|uri| in_use.contains(uri));
         for tenant in added {
             let directory = self.clone();
             tokio::spawn(async move {
@@ -396,8 +396,13 @@ impl IssuerDirectory {
         let mut last_full = Instant::now();
         loop {
             let pending = !*self.ready.borrow() || self.has_pending();
+            // A floor on the retry pace: with a minimum interval of 0 a down issuer would otherwise be
+            // asked hundreds of times a second.
+            let retry = settings
+                .min_refresh_interval
+                .max(Duration::from_millis(500));
             let wait = if pending {
-                settings.min_refresh_interval
+                retry
             } else {
                 settings.refresh_interval
             };
