@@ -6,6 +6,7 @@ use std::{env, fs, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/s2sauthz/v1/authorizer.proto",
+        "proto/s2sauthz/v1/registry.proto",
         "proto/vendor/envoy/service/auth/v3/external_auth.proto",
     ];
     println!("cargo:rerun-if-changed=proto");

@@ -65,6 +65,15 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Installed before the ports open: a signal that arrives during start-up must not take the
+        // default action (SIGHUP would kill the process).
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let running = match crate::server::start(settings).await {
             Ok(r) => r,
             Err(e) => {
@@ -72,47 +81,61 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match wait_for_signals(&running, &args).await {
-            Ok(()) => {
-                tracing::info!("shutting down: draining in-flight calls");
-                running.shutdown().await;
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                tracing::error!("cannot install signal handlers: {e}");
-                running.shutdown().await;
-                ExitCode::FAILURE
-            }
-        }
+        signals.wait_for_stop(&running, &args).await;
+        tracing::info!("shutting down: draining in-flight calls");
+        running.shutdown().await;
+        ExitCode::SUCCESS
     })
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(
-    running: &crate::server::Running,
-    args: &ServeArgs,
-) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match load(args) {
-                Ok(settings) => running.reload(&settings),
-                // A bad edit must not take the allowlist down: keep serving the last good one.
-                Err(e) => tracing::error!("reload refused, keeping the current configuration: {e}"),
-            },
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns on SIGTERM or SIGINT; reloads the configuration on SIGHUP.
+    async fn wait_for_stop(&mut self, running: &crate::server::Running, args: &ServeArgs) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => match load(args) {
+                    Ok(settings) => {
+                        if let Err(e) = running.reload(&settings) {
+                            tracing::error!("reload refused, keeping the current configuration: {e}");
+                        }
+                    }
+                    // A bad edit must not take the allowlist down: keep serving the last good one.
+                    Err(e) => tracing::error!("reload refused, keeping the current configuration: {e}"),
+                },
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(
-    _running: &crate::server::Running,
-    _args: &ServeArgs,
-) -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn wait_for_stop(&mut self, _running: &crate::server::Running, _args: &ServeArgs) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -6,8 +6,8 @@
 use crate::core::DecisionSettings;
 use crate::core::ids::{ClientAppId, ObjectId, TenantId, is_guid};
 use crate::core::registry::{
-    AppEntry, AppEntryKind, ApplicationUser, Operation, RegistryError, RegistrySnapshot, Route,
-    SecurityRole, User,
+    AppEntry, AppEntryKind, ApplicationUser, Operation, RegistryError, RegistryParts,
+    RegistrySnapshot, Route, SecurityRole, User,
 };
 use crate::core::trust::{AppOnlyRule, Audiences, OidcProfile};
 use crate::devissuer::{DevClient, DevIssuerConfig, DevTenant, TokenVersion};
@@ -30,6 +30,7 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:50052";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 pub const DEFAULT_DEV_ISSUER_ADDR: &str = "127.0.0.1:8400";
 pub const DEFAULT_INSTANCE: &str = "https://login.microsoftonline.com/";
+pub const DEFAULT_DATA_DIR: &str = "s2s-authz-data";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,6 +58,8 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
+    /// Directory of the registry store.
+    pub data_dir: Option<PathBuf>,
     pub grpc_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -194,6 +197,8 @@ pub struct UserFile {
 #[serde(deny_unknown_fields)]
 pub struct RouteFile {
     #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
     pub method: Option<String>,
     pub path: String,
     pub resource: String,
@@ -241,6 +246,9 @@ pub struct ServeArgs {
     /// YAML configuration file.
     #[arg(long, env = "S2S_AUTHZ_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Directory of the registry store (SQLite, created if missing) [default: ./s2s-authz-data].
+    #[arg(long, env = "S2S_AUTHZ_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Decision port: native API, Envoy ext_authz, health, reflection [default: 127.0.0.1:50051].
     #[arg(long, env = "S2S_AUTHZ_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -389,7 +397,13 @@ pub struct Settings {
     pub fetch_timeout: Duration,
     pub max_document_bytes: usize,
     pub token_cache_entries: usize,
+    /// The provisioned part of the registry alone, validated.
     pub registry: RegistrySnapshot,
+    /// What configuration provisions (file and MCT variables): re-applied at every start and reload,
+    /// read-only through the registry API.
+    pub provisioned: RegistryParts,
+    /// Where the registry store (SQLite) lives.
+    pub data_dir: PathBuf,
     pub dev_issuer: Option<DevIssuerConfig>,
     pub log_format: LogFormat,
 }
@@ -418,9 +432,11 @@ pub fn parse_yaml(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
+    // The parser's message quotes the surrounding source lines, which may hold a client secret: keep
+    // only its first line (what is wrong, and where).
     serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
         path: origin.to_owned(),
-        message: e.to_string(),
+        message: e.to_string().lines().next().unwrap_or_default().to_owned(),
     })
 }
 
@@ -555,7 +571,13 @@ pub fn resolve(
         });
     }
 
-    let registry = provisioned_registry(&file, mct)?;
+    let provisioned = provisioned_registry(&file, mct)?;
+    let registry = RegistrySnapshot::from_parts(provisioned.clone())?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
 
     Ok(Settings {
         grpc_addr: addr(
@@ -591,6 +613,8 @@ pub fn resolve(
             .or(file.token_cache.max_entries)
             .unwrap_or(100_000),
         registry,
+        provisioned,
+        data_dir,
         dev_issuer,
         log_format: args.log_format,
     })
@@ -685,7 +709,7 @@ fn guid_field(value: &str, field: &str) -> Result<(), ConfigError> {
 pub fn provisioned_registry(
     file: &FileConfig,
     mct: &MctSettings,
-) -> Result<RegistrySnapshot, ConfigError> {
+) -> Result<RegistryParts, ConfigError> {
     let mut roles: BTreeMap<String, SecurityRole> = BTreeMap::new();
     for r in &file.security_roles {
         let mut privileges: HashMap<String, BTreeSet<Operation>> = HashMap::new();
@@ -850,20 +874,25 @@ pub fn provisioned_registry(
     let routes = file
         .routes
         .iter()
-        .map(|r| Route {
+        .enumerate()
+        .map(|(i, r)| Route {
+            id: r.id.clone().unwrap_or_else(|| format!("config-route-{i}")),
             method: r.method.as_ref().map(|m| m.to_ascii_uppercase()),
             path: r.path.clone(),
             resource: r.resource.clone(),
             operation: r.operation,
         })
         .collect();
-    Ok(RegistrySnapshot::build(
+    let parts = RegistryParts {
         entries,
         app_users,
-        roles.into_values().collect(),
+        roles: roles.into_values().collect(),
         users,
         routes,
-    )?)
+    };
+    // Validate now, so a bad file is refused at start or reload rather than at the first registry change.
+    RegistrySnapshot::from_parts(parts.clone())?;
+    Ok(parts)
 }
 
 #[cfg(test)]

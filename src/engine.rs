@@ -2,13 +2,17 @@
 //! I/O between them — and records it (metrics, an audit log line with a token hash, never the token).
 //!
 //! It also owns the allowlist cache: the registry snapshot and decision settings, swapped atomically
-//! on reload so that a decision always sees one consistent policy.
+//! on reload so that a decision always sees one consistent policy; and the verified-token cache
+//! (`token_cache`), which lets a token seen before skip `precheck` and `verify` — never `authorize`.
 
 use crate::core::decision::{self, KeyLookup, Request};
 use crate::core::registry::RegistrySnapshot;
+use crate::core::token::MAX_TOKEN_BYTES;
+use crate::core::trust::TrustSnapshot;
 use crate::core::{Decision, DecisionSettings, Trace, TraceStep};
 use crate::directory::IssuerDirectory;
 use crate::metrics::Metrics;
+use crate::token_cache::{self, CachedToken, Revalidation, TokenCache, TokenDigest};
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -54,14 +58,22 @@ pub struct Authorizer {
     allowlist: AllowlistCache,
     directory: Arc<IssuerDirectory>,
     metrics: Arc<Metrics>,
+    tokens: TokenCache,
 }
 
 impl Authorizer {
-    pub fn new(policy: Policy, directory: Arc<IssuerDirectory>, metrics: Arc<Metrics>) -> Self {
+    /// `token_cache_entries` bounds the verified-token cache; 0 disables it.
+    pub fn new(
+        policy: Policy,
+        directory: Arc<IssuerDirectory>,
+        metrics: Arc<Metrics>,
+        token_cache_entries: usize,
+    ) -> Self {
         Authorizer {
             allowlist: AllowlistCache::new(policy),
             directory,
             metrics,
+            tokens: TokenCache::new(token_cache_entries),
         }
     }
 
@@ -77,6 +89,10 @@ impl Authorizer {
         &self.metrics
     }
 
+    pub fn token_cache(&self) -> &TokenCache {
+        &self.tokens
+    }
+
     pub async fn decide(&self, request: &Request<'_>, explain: bool) -> Evaluation {
         let started = Instant::now();
         let mut trace = if explain {
@@ -84,22 +100,45 @@ impl Authorizer {
         } else {
             Trace::disabled()
         };
-        let decision = self.evaluate(request, &mut trace).await;
+        // One SHA-256 serves as the cache key and as the audit line's token hash. Tokens the size check
+        // refuses are neither cached nor hashed here.
+        let raw = decision::bearer_token(request.token);
+        let digest = (!raw.is_empty()
+            && raw.len() <= MAX_TOKEN_BYTES
+            && (self.tokens.is_enabled() || audit_enabled()))
+        .then(|| token_cache::digest(raw));
+        let decision = self
+            .evaluate(request, digest.as_ref(), explain, &mut trace)
+            .await;
         self.metrics.decision(decision.reason());
-        audit(request, &decision, started);
+        audit(request, digest.as_ref(), &decision, started);
         Evaluation {
             decision,
             trace: trace.finish(),
         }
     }
 
-    async fn evaluate(&self, request: &Request<'_>, trace: &mut Trace) -> Decision {
+    async fn evaluate(
+        &self,
+        request: &Request<'_>,
+        digest: Option<&TokenDigest>,
+        explain: bool,
+        trace: &mut Trace,
+    ) -> Decision {
         let policy = self.allowlist.load();
         let trust = self.directory.trust();
+        // `Explain` always takes the full path, so that its trace shows every check actually made.
+        if !explain
+            && let Some(digest) = digest
+            && let Some(decision) = self.decide_cached(digest, request, &policy, &trust)
+        {
+            return decision;
+        }
         let pre = match decision::precheck(request, &policy.settings, &trust, trace) {
             Ok(pre) => pre,
             Err(denied) => return Decision::Deny(denied),
         };
+        let alg = pre.alg;
         let loaded = self
             .directory
             .jwks()
@@ -113,14 +152,72 @@ impl Authorizer {
             Ok(v) => v,
             Err(denied) => return Decision::Deny(denied),
         };
-        decision::authorize(
+        let now = unix_now();
+        let decision = decision::authorize(
             &verified,
             request,
             &policy.settings,
             &policy.registry,
-            unix_now(),
+            now,
             trace,
-        )
+        );
+        // Cache the verification (never a failure): what `verify` returned, with the key it used.
+        if let (Some(digest), Some(loaded)) = (digest, &loaded)
+            && let Some(key) = loaded.set.find(verified.kid.as_deref())
+        {
+            let entry = CachedToken::new(verified, alg, key.clone());
+            self.tokens
+                .insert(*digest, entry, now, policy.settings.clock_skew_secs);
+        }
+        decision
+    }
+
+    /// The decision from a cached verification, or `None` to take the full path.
+    ///
+    /// A hit replaces `precheck` and `verify`, so the checks of `precheck` that depend on the settings
+    /// or the request rather than on the token are made here first; when one fails, the full path runs
+    /// and reports it with its usual reason and message. (Presence and size were checked before the
+    /// digest was taken.) Everything after `verify` is `authorize`, run in full as always.
+    fn decide_cached(
+        &self,
+        digest: &TokenDigest,
+        request: &Request<'_>,
+        policy: &Policy,
+        trust: &TrustSnapshot,
+    ) -> Option<Decision> {
+        let settings = &policy.settings;
+        if !settings.service_auth_enabled {
+            return None;
+        }
+        if settings.require_client_type
+            && !request
+                .headers
+                .header("clienttype")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("service"))
+        {
+            return None;
+        }
+        let now = unix_now();
+        let entry = self.tokens.get(digest, now, settings.clock_skew_secs)?;
+        let keys = self
+            .directory
+            .jwks()
+            .usable(&entry.verified.issuer.jwks_uri);
+        match entry.revalidate(trust, keys.as_ref().map(|k| &k.set), settings) {
+            Revalidation::Valid => Some(decision::authorize(
+                &entry.verified,
+                request,
+                settings,
+                &policy.registry,
+                now,
+                &mut Trace::disabled(),
+            )),
+            Revalidation::Stale => {
+                self.tokens.remove(digest, &entry);
+                None
+            }
+            Revalidation::Bypass => None,
+        }
     }
 }
 
@@ -133,22 +230,38 @@ pub fn unix_now() -> i64 {
 
 /// A short, non-reversible token fingerprint for correlating log lines: SHA-256, first 8 bytes, hex.
 pub fn token_hash(token: &str) -> String {
-    let digest = aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        decision::bearer_token(token).as_bytes(),
-    );
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    short_hash(&token_cache::digest(decision::bearer_token(token)))
 }
 
-fn audit(request: &Request<'_>, decision: &Decision, started: Instant) {
-    if !tracing::enabled!(target: "s2s_authz::audit", tracing::Level::INFO) {
+fn short_hash(digest: &TokenDigest) -> String {
+    use std::fmt::Write as _;
+    digest[..8]
+        .iter()
+        .fold(String::with_capacity(16), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn audit_enabled() -> bool {
+    tracing::enabled!(target: "s2s_authz::audit", tracing::Level::INFO)
+}
+
+/// The audit line. `digest` is the token's SHA-256 when the caller already computed it.
+fn audit(
+    request: &Request<'_>,
+    digest: Option<&TokenDigest>,
+    decision: &Decision,
+    started: Instant,
+) {
+    if !audit_enabled() {
         return;
     }
     let micros = started.elapsed().as_micros() as u64;
-    let hash = token_hash(request.token);
+    let hash = match digest {
+        Some(d) => short_hash(d),
+        None => token_hash(request.token),
+    };
     match decision {
         Decision::Allow(a) => tracing::info!(
             target: "s2s_authz::audit",
@@ -168,7 +281,7 @@ fn audit(request: &Request<'_>, decision: &Decision, started: Instant) {
             reason = d.reason.as_str(),
             tenant = d.caller.as_ref().map(|c| c.tenant_id.as_str()).unwrap_or(""),
             client_app_id = d.caller.as_ref().and_then(|c| c.client_app_id.as_ref()).map(|c| c.as_str()).unwrap_or(""),
-            message = %d.message,
+            detail = %d.message,
             micros,
             "decision"
         ),

@@ -14,4 +14,7 @@ pub mod grpc;
 pub mod jwks;
 pub mod metrics;
 pub mod proto;
+pub mod registry;
 pub mod server;
+pub mod store;
+pub mod token_cache;

@@ -6,12 +6,14 @@ use crate::devissuer::DevIssuer;
 use crate::directory::IssuerDirectory;
 use crate::engine::{Authorizer, Policy};
 use crate::fetch::Fetcher;
-use crate::grpc::{ext_authz::ExtAuthz, native::NativeApi};
+use crate::grpc::{ext_authz::ExtAuthz, native::NativeApi, registry::RegistryApi};
 use crate::jwks::JwksCache;
 use crate::metrics::Metrics;
 use crate::proto::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use crate::proto::s2sauthz::v1::authorizer_server::AuthorizerServer;
-use std::collections::BTreeSet;
+use crate::proto::s2sauthz::v1::registry_server::RegistryServer;
+use crate::registry::Registry;
+use crate::store::Store;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -41,6 +43,10 @@ pub enum StartError {
     Fetcher(#[from] crate::fetch::FetchError),
     #[error("building reflection: {0}")]
     Reflection(String),
+    #[error("opening the registry store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("the registry is inconsistent with the configuration: {0}")]
+    Registry(#[from] crate::registry::RegistryOpError),
 }
 
 /// A running service. Dropping it does not stop it; call `shutdown`.
@@ -49,6 +55,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub authorizer: Arc<Authorizer>,
+    pub registry: Arc<Registry>,
     pub dev_issuer: Option<DevIssuer>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -59,18 +66,6 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { what, addr, source })
-}
-
-/// The Entra tenants app entries make trusted. Entries of generic OIDC issuers name the issuer URL as
-/// their tenant; those issuers are trusted (and discovered) through `oidc_issuers`, not here.
-fn tenant_strings(policy: &Policy) -> BTreeSet<String> {
-    policy
-        .registry
-        .entry_tenants()
-        .into_iter()
-        .filter(|t| crate::core::ids::is_guid(t.as_str()))
-        .map(|t| t.to_string())
-        .collect()
 }
 
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
@@ -110,8 +105,15 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         settings: settings.decision.clone(),
         registry: settings.registry.clone(),
     };
-    directory.set_tenants(tenant_strings(&policy));
-    let authorizer = Arc::new(Authorizer::new(policy, directory.clone(), metrics.clone()));
+    let authorizer = Arc::new(Authorizer::new(
+        policy,
+        directory.clone(),
+        metrics.clone(),
+        settings.token_cache_entries,
+    ));
+    // The registry publishes the merged allowlist (configuration + store) and its tenants at once.
+    let store = Store::open(&settings.data_dir)?;
+    let registry = Registry::open(store, settings.provisioned.clone(), authorizer.clone())?;
 
     let grpc = bind("the decision port", settings.grpc_addr).await?;
     let admin = bind("the admin port", settings.admin_addr).await?;
@@ -159,7 +161,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         discovery.run_background().await;
     });
 
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let (reflection_v1, reflection_v1alpha) = reflection(&[
+        "s2sauthz.v1.Authorizer",
+        "envoy.service.auth.v3.Authorization",
+    ])?;
     let decision_router = tonic::transport::Server::builder()
         .add_service(health_service.clone())
         .add_service(reflection_v1)
@@ -176,11 +181,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         }
     });
 
-    let (admin_reflection_v1, admin_reflection_v1alpha) = reflection()?;
+    let (admin_reflection_v1, admin_reflection_v1alpha) = reflection(&["s2sauthz.v1.Registry"])?;
     let admin_router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(admin_reflection_v1)
-        .add_service(admin_reflection_v1alpha);
+        .add_service(admin_reflection_v1alpha)
+        .add_service(RegistryServer::new(RegistryApi::new(registry.clone())));
     let shutdown = stopped(&stop);
     tasks.spawn(async move {
         if let Err(e) = admin_router
@@ -208,6 +214,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         admin_addr,
         metrics_addr,
         authorizer,
+        registry,
         dev_issuer,
         stop,
         tasks,
@@ -215,7 +222,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     })
 }
 
-fn reflection() -> Result<
+/// Reflection (v1 and v1alpha) advertising exactly the services a port serves, plus health.
+fn reflection(
+    services: &[&str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -227,9 +237,14 @@ fn reflection() -> Result<
     StartError,
 > {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for name in services {
+            builder = builder.with_service_name(*name);
+        }
+        builder
     };
     let v1 = builder()
         .build_v1()
@@ -241,20 +256,17 @@ fn reflection() -> Result<
 }
 
 impl Running {
-    /// Applies a reloaded configuration's policy (settings and allowlist) atomically. Listener
-    /// addresses and key settings need a restart.
-    pub fn reload(&self, settings: &Settings) {
-        let policy = Policy {
-            settings: settings.decision.clone(),
-            registry: settings.registry.clone(),
-        };
-        let tenants = tenant_strings(&policy);
-        self.authorizer.allowlist().replace(policy);
-        self.authorizer.directory().set_tenants(tenants);
+    /// Applies a reloaded configuration's policy (decision settings and provisioned registry) atomically,
+    /// merged with the store. Listener addresses and key settings need a restart. A configuration that
+    /// conflicts with the store is refused and the current policy keeps serving.
+    pub fn reload(&self, settings: &Settings) -> Result<(), crate::registry::RegistryOpError> {
+        self.registry
+            .reprovision(settings.provisioned.clone(), settings.decision.clone())?;
         tracing::info!(
-            entries = settings.registry.entries().len(),
+            provisioned_entries = settings.provisioned.entries.len(),
             "configuration reloaded"
         );
+        Ok(())
     }
 
     /// Stops accepting, lets in-flight calls finish, and returns when every listener has closed.

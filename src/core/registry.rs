@@ -15,7 +15,7 @@ pub enum AppEntryKind {
 }
 
 /// One allowlisted calling application in one tenant.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AppEntry {
     pub name: String,
     pub tenant_id: TenantId,
@@ -29,7 +29,7 @@ pub struct AppEntry {
 }
 
 /// The non-interactive user an application acts as (Dataverse-style), holding one custom security role.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplicationUser {
     pub id: String,
     pub name: String,
@@ -59,7 +59,7 @@ impl Operation {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SecurityRole {
     pub name: String,
     /// resource → operations granted on it.
@@ -79,7 +79,7 @@ impl SecurityRole {
 }
 
 /// A user an application may act on behalf of (header `callerobjectid`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct User {
     pub object_id: ObjectId,
     pub name: String,
@@ -88,8 +88,10 @@ pub struct User {
 
 /// Maps requests to a resource and an operation. `path` is a prefix matched on segment boundaries, in
 /// which a `*` segment matches any one segment.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Route {
+    /// Stable identifier for administration; not used by decisions.
+    pub id: String,
     /// Upper-case HTTP method, or `None` for any.
     pub method: Option<String>,
     pub path: String,
@@ -152,6 +154,36 @@ pub enum RegistryError {
     UnknownUserRole { user: String, role: String },
     #[error("route `{0}` must start with `/`")]
     InvalidRoute(String),
+    #[error("user `{0}` is defined twice")]
+    DuplicateUser(String),
+    #[error("route `{0}` is defined twice")]
+    DuplicateRoute(String),
+}
+
+/// The registry as plain lists: what configuration provisions, what the store holds, and their union.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegistryParts {
+    pub entries: Vec<AppEntry>,
+    pub app_users: Vec<ApplicationUser>,
+    pub roles: Vec<SecurityRole>,
+    pub users: Vec<User>,
+    pub routes: Vec<Route>,
+}
+
+impl RegistryParts {
+    /// Both sets of parts together; duplicates are left for `RegistrySnapshot::from_parts` to refuse.
+    pub fn merged(&self, other: &RegistryParts) -> RegistryParts {
+        fn join<T: Clone>(a: &[T], b: &[T]) -> Vec<T> {
+            a.iter().chain(b).cloned().collect()
+        }
+        RegistryParts {
+            entries: join(&self.entries, &other.entries),
+            app_users: join(&self.app_users, &other.app_users),
+            roles: join(&self.roles, &other.roles),
+            users: join(&self.users, &other.users),
+            routes: join(&self.routes, &other.routes),
+        }
+    }
 }
 
 /// Everything the allowlist stage of a decision needs, indexed for constant-time lookups.
@@ -168,6 +200,16 @@ pub struct RegistrySnapshot {
 }
 
 impl RegistrySnapshot {
+    pub fn from_parts(parts: RegistryParts) -> Result<Self, RegistryError> {
+        Self::build(
+            parts.entries,
+            parts.app_users,
+            parts.roles,
+            parts.users,
+            parts.routes,
+        )
+    }
+
     pub fn build(
         entries: Vec<AppEntry>,
         app_users: Vec<ApplicationUser>,
@@ -264,10 +306,17 @@ impl RegistrySnapshot {
                     role: user.security_role,
                 });
             }
+            if snapshot.users.contains_key(&user.object_id) {
+                return Err(RegistryError::DuplicateUser(user.object_id.to_string()));
+            }
             snapshot.users.insert(user.object_id.clone(), user);
         }
         if let Some(bad) = routes.iter().find(|r| !r.path.starts_with('/')) {
             return Err(RegistryError::InvalidRoute(bad.path.clone()));
+        }
+        let mut ids = std::collections::HashSet::new();
+        if let Some(dup) = routes.iter().find(|r| !ids.insert(r.id.as_str())) {
+            return Err(RegistryError::DuplicateRoute(dup.id.clone()));
         }
         // Stable sort: among equally specific routes, the one listed first wins.
         routes.sort_by_key(|r| std::cmp::Reverse(r.specificity()));
@@ -363,6 +412,7 @@ mod tests {
 
     fn route(method: Option<&str>, path: &str, resource: &str) -> Route {
         Route {
+            id: path.to_owned(),
             method: method.map(str::to_owned),
             path: path.into(),
             resource: resource.into(),

@@ -2,6 +2,7 @@
 
 pub mod ext_authz;
 pub mod native;
+pub mod registry;
 
 use std::collections::HashMap;
 

@@ -1,0 +1,238 @@
+//! Criterion benches of one decision, without gRPC: warm (verified-token cache hit + `authorize`), cold
+//! (`precheck` + RS256 `verify` + `authorize`) and, as the baseline measured in the same run, a raw
+//! `jsonwebtoken::decode::<serde_json::Value>` RS256 of the same token with the same public key.
+//!
+//! The service runs in-process against an in-process development issuer, so the `Authorizer` under test
+//! is the real one with real, fetched key sets. No tracing subscriber is installed: the audit line is
+//! off, as under `RUST_LOG=warn` (its cost is measured by the load generator). See `benches/README.md`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use s2s_authz::config::{self, MctSettings, ServeArgs};
+use s2s_authz::core::decision::{self, KeyLookup, Request, Trace};
+use s2s_authz::devissuer::{DevClient, DevIssuer, DevIssuerConfig, DevTenant, TokenVersion};
+use s2s_authz::engine::{Authorizer, Evaluation, unix_now};
+use s2s_authz::server::Running;
+use s2s_authz::token_cache;
+use std::collections::HashMap;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+
+const TENANT: &str = "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
+const AUDIENCE: &str = "api://b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
+const AUDIENCE_GUID: &str = "b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
+const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
+
+fn app() -> DevClient {
+    DevClient {
+        client_id: APP.to_owned(),
+        client_secret: "bench".to_owned(),
+        object_id: "9c8b7a6f-5e4d-4c3b-8a29-1f0e9d8c7b6a".to_owned(),
+        roles: vec!["S2SAppRole".to_owned()],
+        token_version: TokenVersion::V2,
+    }
+}
+
+async fn service(dev: &DevIssuer, cache_entries: usize) -> Running {
+    let yaml = format!(
+        r#"
+grpc_addr: 127.0.0.1:0
+admin_addr: 127.0.0.1:0
+metrics_addr: 127.0.0.1:0
+auth: {{ instance: "{instance}", tenants: ["{TENANT}"], audiences: ["{AUDIENCE}"] }}
+token_cache: {{ max_entries: {cache_entries} }}
+security_roles:
+  - name: Orders Integration
+    privileges: [{{ resource: orders, operations: [read] }}]
+app_entries:
+  - name: orders-service
+    tenant_id: "{TENANT}"
+    client_app_id: "{APP}"
+    required_role: S2SAppRole
+    application_user: {{ security_role: Orders Integration }}
+"#,
+        instance = dev.instance()
+    );
+    let settings = config::resolve(
+        config::parse_yaml(&yaml, "bench").unwrap(),
+        &ServeArgs::default(),
+        &MctSettings::default(),
+    )
+    .unwrap();
+    s2s_authz::server::start(settings).await.unwrap()
+}
+
+/// Polls a decision once: a cache hit (and a cold decision whose keys are loaded) never waits, so this
+/// measures the decision rather than an executor. Falls back to the runtime if it ever does wait.
+fn decide_now(rt: &Runtime, authorizer: &Authorizer, request: &Request<'_>) -> Evaluation {
+    let mut fut = pin!(authorizer.decide(request, false));
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(evaluation) => evaluation,
+        Poll::Pending => rt.block_on(fut),
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = rt.enter();
+    let dev = rt
+        .block_on(DevIssuer::start(DevIssuerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            tenants: vec![DevTenant {
+                tenant_id: TENANT.to_owned(),
+                clients: vec![app()],
+            }],
+            token_lifetime: Duration::from_secs(3600),
+        }))
+        .unwrap();
+    let warm = rt.block_on(service(&dev, 100_000));
+    let cold = rt.block_on(service(&dev, 0));
+    let token = dev.mint_app_token(TENANT, &app(), AUDIENCE).unwrap();
+    let headers: HashMap<String, String> = HashMap::new();
+    let request = Request {
+        token: &token,
+        method: "GET",
+        path: "/orders",
+        headers: &headers,
+    };
+
+    // Wait (bounded) for discovery and keys, then make sure the warm cache holds the token.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for running in [&warm, &cold] {
+        while !rt
+            .block_on(running.authorizer.decide(&request, false))
+            .decision
+            .is_allowed()
+        {
+            assert!(Instant::now() < deadline, "keys never loaded");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(warm.authorizer.token_cache().len(), 1);
+    assert_eq!(cold.authorizer.token_cache().len(), 0);
+
+    eprintln!(
+        "token: {} bytes, RS256, kid {}",
+        token.len(),
+        dev.current_kid()
+    );
+
+    let mut group = c.benchmark_group("decision");
+    // (a) Warm: `Authorizer::decide` on a verified-token cache hit — SHA-256 of the token, cache lookup,
+    // revalidation (issuer trusted, key still published), `authorize`, metrics counter.
+    group.bench_function("warm_decide_cache_hit", |b| {
+        b.iter(|| {
+            let e = decide_now(&rt, &warm.authorizer, black_box(&request));
+            debug_assert!(e.decision.is_allowed());
+            e
+        })
+    });
+    // The pure stage-3 part of it: `authorize` on the cached `VerifiedToken`.
+    let policy = warm.authorizer.allowlist().load();
+    let digest = token_cache::digest(&token);
+    let entry = warm
+        .authorizer
+        .token_cache()
+        .get(&digest, unix_now(), 300)
+        .unwrap();
+    group.bench_function("warm_authorize_only", |b| {
+        b.iter(|| {
+            decision::authorize(
+                black_box(&entry.verified),
+                &request,
+                &policy.settings,
+                &policy.registry,
+                unix_now(),
+                &mut Trace::disabled(),
+            )
+        })
+    });
+    group.bench_function("warm_sha256_of_token", |b| {
+        b.iter(|| token_cache::digest(black_box(&token)))
+    });
+
+    // (b) Cold: `Authorizer::decide` with the cache disabled — precheck (parse), key lookup, RS256
+    // verify, authorize, metrics.
+    group.bench_function("cold_decide_rs256", |b| {
+        b.iter(|| {
+            let e = decide_now(&rt, &cold.authorizer, black_box(&request));
+            debug_assert!(e.decision.is_allowed());
+            e
+        })
+    });
+    // The pure core of it: precheck + verify + authorize over the same loaded key set.
+    let trust = cold.authorizer.directory().trust();
+    let issuer = trust.issuer(&dev.v2_issuer(TENANT)).unwrap().clone();
+    let keys = cold
+        .authorizer
+        .directory()
+        .jwks()
+        .usable(&issuer.jwks_uri)
+        .unwrap();
+    let cold_policy = cold.authorizer.allowlist().load();
+    group.bench_function("cold_core_precheck_verify_authorize", |b| {
+        b.iter(|| {
+            let mut trace = Trace::disabled();
+            let pre = decision::precheck(
+                black_box(&request),
+                &cold_policy.settings,
+                &trust,
+                &mut trace,
+            )
+            .unwrap();
+            let verified = decision::verify(pre, KeyLookup::Loaded(&keys.set), &mut trace).unwrap();
+            decision::authorize(
+                &verified,
+                &request,
+                &cold_policy.settings,
+                &cold_policy.registry,
+                unix_now(),
+                &mut trace,
+            )
+        })
+    });
+    group.bench_function("cold_core_precheck_only", |b| {
+        b.iter(|| {
+            decision::precheck(
+                black_box(&request),
+                &cold_policy.settings,
+                &trust,
+                &mut Trace::disabled(),
+            )
+            .is_ok()
+        })
+    });
+
+    // (c) Baseline: raw jsonwebtoken RS256 decode of the same token, same public key, validating
+    // signature, `exp`, `aud` and `iss` into a `serde_json::Value`.
+    let (n, e) = dev.public_key_components(&dev.current_kid()).unwrap();
+    let key = DecodingKey::from_rsa_raw_components(&n, &e);
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.set_audience(&[AUDIENCE_GUID]);
+    validation.set_issuer(&[dev.v2_issuer(TENANT)]);
+    assert!(jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation).is_ok());
+    group.bench_function("baseline_jsonwebtoken_decode_rs256", |b| {
+        b.iter(|| {
+            jsonwebtoken::decode::<serde_json::Value>(black_box(&token), &key, &validation).is_ok()
+        })
+    });
+    group.finish();
+
+    rt.block_on(async {
+        warm.shutdown().await;
+        cold.shutdown().await;
+        dev.shutdown().await;
+    });
+}
+
+criterion_group!(decision_benches, benches);
+criterion_main!(decision_benches);

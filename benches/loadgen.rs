@@ -1,0 +1,1052 @@
+//! Load generator: drives `envoy.service.auth.v3.Authorization/Check` over loopback against the real
+//! `s2s-authz` binary and, in the same invocation, against a no-op ext_authz server (this program
+//! re-executed with `--noop-server`, answering OK at once) as the baseline; prints ratios.
+//!
+//! Run `cargo bench --bench loadgen -- --help`. Both servers run as child processes so that their CPU
+//! time can be read from `/proc/<pid>/stat` before and after each scenario; the load generator runs its
+//! own development issuer in-process, which the product trusts, and pre-signs every token before the
+//! run. Open-loop latency is measured from each call's intended send time (no coordinated omission).
+//! Every child stops by itself: the product runs under `timeout`, the no-op server has its own deadline
+//! and also exits when its standard input closes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use s2s_authz::devissuer::{DevClient, DevIssuer, DevIssuerConfig, DevTenant, TokenVersion};
+use s2s_authz::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use s2s_authz::proto::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use s2s_authz::proto::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, attribute_context,
+};
+use s2s_authz::proto::google::rpc;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+const TENANT: &str = "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
+const AUDIENCE: &str = "api://b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
+const AUDIENCE_GUID: &str = "b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
+const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    about = "Load generator for envoy.service.auth.v3.Authorization/Check: s2s-authz against a no-op \
+             ext_authz server, measured in the same run",
+    after_help = "Scenarios: closed1 (closed loop, 1 connection, 1 call in flight), closed (closed loop at \
+                  --connections x --concurrency), open (open loop at each of --rates), cold (closed loop, \
+                  every token new: --cold-tokens pre-signed tokens, the scenario ends when they run out).\n\
+                  Example, a longer run: cargo bench --bench loadgen -- --duration 30 --log-levels info,warn"
+)]
+struct Args {
+    /// Seconds per scenario and target.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// HTTP/2 connections for the `closed`, `open` and `cold` scenarios.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Calls in flight in the `closed` and `cold` scenarios (spread over the connections).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Open-loop rates (calls/s), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    rates: Vec<u64>,
+    /// Distinct tokens in the hot pool (used round robin).
+    #[arg(long, default_value_t = 16)]
+    hot_tokens: usize,
+    /// Tokens pre-signed for the `cold` scenario (each is sent once).
+    #[arg(long, default_value_t = 20_000)]
+    cold_tokens: usize,
+    /// Scenarios to run, comma separated: closed1, closed, open, cold.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "closed1,closed,open,cold"
+    )]
+    scenarios: Vec<String>,
+    /// `RUST_LOG` of the product server; several (e.g. `info,warn`) start one server per level.
+    #[arg(long, value_delimiter = ',', default_value = "info")]
+    log_levels: Vec<String>,
+    /// The product's `--token-cache-entries`.
+    #[arg(long, default_value_t = 100_000)]
+    token_cache_entries: usize,
+    /// Worker threads of the load generator's runtime.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// The `s2s-authz` binary [default: $S2S_AUTHZ_BIN, else the one cargo built with this bench].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Skip the no-op baseline.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Internal: serve the no-op ext_authz and print its address.
+    #[arg(long, hide = true)]
+    noop_server: bool,
+    /// Internal: the longest a child server may live, in seconds.
+    #[arg(long, hide = true, default_value_t = 3600)]
+    max_lifetime: u64,
+    /// Passed by `cargo bench`; without it (as under `cargo test --benches`) nothing is run.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.noop_server {
+        noop_server(args.max_lifetime);
+        return;
+    }
+    if !args.bench {
+        println!("loadgen: nothing run outside `cargo bench --bench loadgen` (see --help)");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(args));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The no-op baseline server.
+
+struct Noop;
+
+#[tonic::async_trait]
+impl Authorization for Noop {
+    async fn check(
+        &self,
+        _request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(CheckResponse {
+            status: Some(rpc::Status {
+                code: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+}
+
+/// Serves until its deadline or until standard input closes (the parent is gone).
+fn noop_server(max_lifetime: u64) {
+    // The same runtime shape as the product's (`new_multi_thread` with default workers).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("LISTENING {}", listener.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            let _ = stop_tx.send(());
+        });
+        let stop = async move {
+            tokio::select! {
+                _ = stop_rx => {}
+                _ = tokio::time::sleep(Duration::from_secs(max_lifetime)) => {}
+            }
+        };
+        tonic::transport::Server::builder()
+            .add_service(AuthorizationServer::new(Noop))
+            // Like tonic's own `serve(addr)`, which sets TCP_NODELAY on accepted connections.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop,
+            )
+            .await
+            .unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Child processes and /proc.
+
+/// A server under test, stopped when dropped (also on panic).
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    /// The process doing the serving (for the product: the child of `timeout`).
+    pid: u32,
+    child: Child,
+    log: Option<PathBuf>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // SIGTERM to our own child: `timeout` forwards it to the product, which drains and exits.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+fn process_cpu(pid: &str, ticks: f64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `comm` field, which may contain spaces: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (get(11) + get(12)) / ticks
+}
+
+/// CPU time of the calling thread, in seconds (ns precision, from the scheduler).
+fn thread_cpu() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn child_of(pid: u32) -> Option<u32> {
+    let listed = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    listed.split_whitespace().next()?.parse().ok()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn server_bin(args: &Args) -> PathBuf {
+    if let Some(p) = &args.server_bin {
+        return p.clone();
+    }
+    if let Ok(p) = std::env::var("S2S_AUTHZ_BIN") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_BIN_EXE_s2s-authz"))
+}
+
+fn start_noop(lifetime: u64) -> Target {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--noop-server", "--max-lifetime", &lifetime.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .unwrap_or_else(|| panic!("no-op server said {line:?}"))
+        .parse()
+        .unwrap();
+    let pid = child.id();
+    Target {
+        name: "noop".to_owned(),
+        addr,
+        pid,
+        child,
+        log: None,
+    }
+}
+
+fn start_product(
+    args: &Args,
+    dev: &DevIssuer,
+    dir: &std::path::Path,
+    level: &str,
+    lifetime: u64,
+) -> Target {
+    let config = dir.join(format!("s2s-authz-{level}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+auth:
+  instance: "{instance}"
+  tenants: ["{TENANT}"]
+  audiences: ["{AUDIENCE}"]
+token_cache: {{ max_entries: {entries} }}
+security_roles:
+  - name: Orders Integration
+    privileges: [{{ resource: orders, operations: [read] }}]
+app_entries:
+  - name: orders-service
+    tenant_id: "{TENANT}"
+    client_app_id: "{APP}"
+    required_role: S2SAppRole
+    application_user: {{ security_role: Orders Integration }}
+"#,
+            instance = dev.instance(),
+            entries = args.token_cache_entries
+        ),
+    )
+    .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.join(format!("s2s-authz-{level}.log"));
+    let bin = server_bin(args);
+    let child = Command::new("timeout")
+        .args(["--kill-after=5", &format!("{lifetime}s")])
+        .arg(&bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--grpc-addr", &addr.to_string()])
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", level)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    let timeout_pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(pid) = child_of(timeout_pid) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "{} did not start", bin.display());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Target {
+        name: format!("s2s-authz (RUST_LOG={level})"),
+        addr,
+        pid,
+        child,
+        log: Some(log),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Requests and results.
+
+fn check_request(token: &str) -> CheckRequest {
+    let headers: HashMap<String, String> = [
+        (":authority", "orders.internal"),
+        (":method", "GET"),
+        (":path", "/orders/42"),
+        (":scheme", "http"),
+        ("accept", "application/json"),
+        ("user-agent", "loadgen/1"),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "5b1d0c4e-8a8f-4b7e-9a41-3f1f6c1d2e3a"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .chain([("authorization".to_owned(), format!("Bearer {token}"))])
+    .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    id: "1".to_owned(),
+                    method: "GET".to_owned(),
+                    path: "/orders/42".to_owned(),
+                    host: "orders.internal".to_owned(),
+                    scheme: "http".to_owned(),
+                    protocol: "HTTP/1.1".to_owned(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Requests to send: a hot pool used round robin, or cold tokens each sent once.
+struct Source {
+    requests: Vec<CheckRequest>,
+    next: AtomicUsize,
+    cycle: bool,
+}
+
+impl Source {
+    fn new(tokens: &[String], cycle: bool) -> Arc<Source> {
+        Arc::new(Source {
+            requests: tokens.iter().map(|t| check_request(t)).collect(),
+            next: AtomicUsize::new(0),
+            cycle,
+        })
+    }
+
+    fn next(&self) -> Option<CheckRequest> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.cycle {
+            self.requests.get(i % self.requests.len()).cloned()
+        } else {
+            self.requests.get(i).cloned()
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000_000, 3).unwrap()
+}
+
+/// What one scenario against one target produced.
+struct Stats {
+    latency_ns: Histogram<u64>,
+    /// Open loop only: actual send time minus intended send time (the generator's own lag).
+    lag_ns: Histogram<u64>,
+    grpc: BTreeMap<String, u64>,
+    /// `CheckResponse.status.code`: 0 is allow.
+    decisions: BTreeMap<i32, u64>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            latency_ns: histogram(),
+            lag_ns: histogram(),
+            grpc: BTreeMap::new(),
+            decisions: BTreeMap::new(),
+        }
+    }
+
+    fn record(&mut self, result: &Result<tonic::Response<CheckResponse>, tonic::Status>, ns: u64) {
+        self.latency_ns.saturating_record(ns.max(1));
+        match result {
+            Ok(r) => {
+                *self.grpc.entry("OK".to_owned()).or_default() += 1;
+                let code = r.get_ref().status.as_ref().map_or(-1, |s| s.code);
+                *self.decisions.entry(code).or_default() += 1;
+            }
+            Err(s) => *self.grpc.entry(format!("{:?}", s.code())).or_default() += 1,
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        self.latency_ns.add(&other.latency_ns).unwrap();
+        self.lag_ns.add(&other.lag_ns).unwrap();
+        for (k, v) in other.grpc {
+            *self.grpc.entry(k).or_default() += v;
+        }
+        for (k, v) in other.decisions {
+            *self.decisions.entry(k).or_default() += v;
+        }
+    }
+
+    fn calls(&self) -> u64 {
+        self.latency_ns.len()
+    }
+
+    fn allowed(&self) -> u64 {
+        self.decisions.get(&0).copied().unwrap_or(0)
+    }
+}
+
+struct Measurement {
+    stats: Stats,
+    elapsed: Duration,
+    server_cpu: f64,
+    client_cpu: f64,
+    rss_kib: u64,
+}
+
+impl Measurement {
+    fn throughput(&self) -> f64 {
+        self.stats.calls() as f64 / self.elapsed.as_secs_f64()
+    }
+    fn server_us_per_call(&self) -> f64 {
+        self.server_cpu * 1e6 / self.stats.calls().max(1) as f64
+    }
+    fn client_us_per_call(&self) -> f64 {
+        self.client_cpu * 1e6 / self.stats.calls().max(1) as f64
+    }
+    fn p(&self, q: f64) -> f64 {
+        self.stats.latency_ns.value_at_quantile(q) as f64 / 1e3
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Load.
+
+async fn connect(addr: SocketAddr, n: usize) -> Vec<AuthorizationClient<Channel>> {
+    let mut clients = Vec::new();
+    for _ in 0..n.max(1) {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .unwrap();
+        clients.push(AuthorizationClient::new(channel));
+    }
+    clients
+}
+
+enum Load {
+    Closed {
+        connections: usize,
+        in_flight: usize,
+    },
+    Open {
+        rate: u64,
+        connections: usize,
+    },
+}
+
+async fn measure(
+    target: &Target,
+    load: &Load,
+    source: Arc<Source>,
+    duration: Duration,
+) -> Measurement {
+    let ticks = clock_ticks_per_sec();
+    let pid = target.pid.to_string();
+    let connections = match load {
+        Load::Closed { connections, .. } | Load::Open { connections, .. } => *connections,
+    };
+    let clients = connect(target.addr, connections).await;
+    // A short warm-up on every connection (not measured).
+    for c in &clients {
+        let mut c = c.clone();
+        let _ = c.check(check_request("warm-up")).await;
+    }
+    let server_before = process_cpu(&pid, ticks);
+    let client_before = process_cpu("self", ticks);
+    let started = Instant::now();
+    let stats = match load {
+        Load::Closed { in_flight, .. } => closed_loop(&clients, *in_flight, source, duration).await,
+        Load::Open { rate, .. } => open_loop(&clients, *rate, source, duration).await,
+    };
+    let elapsed = started.elapsed();
+    let server_cpu = process_cpu(&pid, ticks) - server_before;
+    let client_cpu = process_cpu("self", ticks) - client_before;
+    Measurement {
+        stats,
+        elapsed,
+        server_cpu,
+        client_cpu,
+        rss_kib: rss_kib(target.pid),
+    }
+}
+
+async fn closed_loop(
+    clients: &[AuthorizationClient<Channel>],
+    in_flight: usize,
+    source: Arc<Source>,
+    duration: Duration,
+) -> Stats {
+    let deadline = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..in_flight.max(1) {
+        let mut client = clients[i % clients.len()].clone();
+        let source = source.clone();
+        tasks.spawn(async move {
+            let mut stats = Stats::new();
+            while Instant::now() < deadline {
+                let Some(request) = source.next() else { break };
+                let sent = Instant::now();
+                let result = client.check(request).await;
+                stats.record(&result, sent.elapsed().as_nanos() as u64);
+            }
+            stats
+        });
+    }
+    let mut total = Stats::new();
+    while let Some(stats) = tasks.join_next().await {
+        total.merge(stats.unwrap());
+    }
+    total
+}
+
+/// Sends at a fixed rate whatever the responses do; each call's latency counts from its intended send
+/// time, so a stalled server is charged for every call it delays (no coordinated omission).
+async fn open_loop(
+    clients: &[AuthorizationClient<Channel>],
+    rate: u64,
+    source: Arc<Source>,
+    duration: Duration,
+) -> Stats {
+    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
+    let stats = Arc::new(Mutex::new(Stats::new()));
+    let done = Arc::new(AtomicU64::new(0));
+    let all_done = Arc::new(tokio::sync::Notify::new());
+    let handle = tokio::runtime::Handle::current();
+    let clients: Vec<_> = clients.to_vec();
+    let (s, d, n) = (stats.clone(), done.clone(), all_done.clone());
+    // The pacer is an OS thread: tokio's timer has a 1 ms granularity, far coarser than 100 µs.
+    let pacer = std::thread::spawn(move || {
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let start = Instant::now() + Duration::from_millis(5);
+        for i in 0..total {
+            let intended = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            let Some(request) = source.next() else { break };
+            let mut client = clients[(i as usize) % clients.len()].clone();
+            let (s, d, n) = (s.clone(), d.clone(), n.clone());
+            handle.spawn(async move {
+                let sent = Instant::now();
+                let result = client.check(request).await;
+                let finished = Instant::now();
+                {
+                    let mut stats = s.lock().unwrap();
+                    stats.record(&result, (finished - intended).as_nanos() as u64);
+                    stats.lag_ns.saturating_record(
+                        (sent.saturating_duration_since(intended)).as_nanos().max(1) as u64,
+                    );
+                }
+                if d.fetch_add(1, Ordering::AcqRel) + 1 == total {
+                    n.notify_one();
+                }
+            });
+        }
+    });
+    let waited =
+        tokio::time::timeout(duration + Duration::from_secs(30), all_done.notified()).await;
+    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+    if waited.is_err() {
+        eprintln!("  warning: not every open-loop call completed in time");
+    }
+    let mut guard = stats.lock().unwrap();
+    std::mem::replace(&mut *guard, Stats::new())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The run.
+
+fn app() -> DevClient {
+    DevClient {
+        client_id: APP.to_owned(),
+        client_secret: "loadgen".to_owned(),
+        object_id: "9c8b7a6f-5e4d-4c3b-8a29-1f0e9d8c7b6a".to_owned(),
+        roles: vec!["S2SAppRole".to_owned()],
+        token_version: TokenVersion::V2,
+    }
+}
+
+fn mint(dev: &DevIssuer, n: usize) -> Vec<String> {
+    let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
+    let per = n.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let count = per.min(n.saturating_sub(t * per));
+                scope.spawn(move || {
+                    (0..count)
+                        .map(|_| dev.mint_app_token(TENANT, &app(), AUDIENCE).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// CPU seconds per raw `jsonwebtoken` RS256 decode (signature, `exp`, `aud`, `iss`) into a
+/// `serde_json::Value`, single thread, over distinct tokens of the kind the cold scenario sends.
+fn raw_decode_cpu(dev: &DevIssuer, tokens: &[String]) -> f64 {
+    let (n, e) = dev.public_key_components(&dev.current_kid()).unwrap();
+    let key = jsonwebtoken::DecodingKey::from_rsa_raw_components(&n, &e);
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&[AUDIENCE_GUID]);
+    validation.set_issuer(&[dev.v2_issuer(TENANT)]);
+    let sample = &tokens[..tokens.len().min(2000)];
+    for t in sample.iter().take(100) {
+        assert!(jsonwebtoken::decode::<serde_json::Value>(t, &key, &validation).is_ok());
+    }
+    let before = thread_cpu();
+    for t in sample {
+        std::hint::black_box(
+            jsonwebtoken::decode::<serde_json::Value>(t, &key, &validation).is_ok(),
+        );
+    }
+    (thread_cpu() - before) / sample.len() as f64
+}
+
+async fn wait_ready(target: &Target, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut client) = connect_one(target.addr).await
+            && let Ok(r) = client.check(check_request(token)).await
+            && r.get_ref().status.as_ref().is_some_and(|s| s.code == 0)
+        {
+            return;
+        }
+        if Instant::now() > deadline {
+            let log = target
+                .log
+                .as_ref()
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            panic!("{} never allowed a token; its log:\n{log}", target.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn connect_one(
+    addr: SocketAddr,
+) -> Result<AuthorizationClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(AuthorizationClient::new(channel))
+}
+
+struct Row {
+    scenario: String,
+    target: String,
+    m: Measurement,
+}
+
+fn print_row(r: &Row) {
+    let m = &r.m;
+    let lag = if m.stats.lag_ns.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "  gen-lag p50/p99 {:.0}/{:.0} µs",
+            m.stats.lag_ns.value_at_quantile(0.5) as f64 / 1e3,
+            m.stats.lag_ns.value_at_quantile(0.99) as f64 / 1e3
+        )
+    };
+    println!(
+        "  {:<28} {:>9.0} calls/s  p50 {:>7.1}  p90 {:>7.1}  p99 {:>7.1}  p99.9 {:>8.1} µs  \
+         server {:>5.1} µs CPU/call  loadgen {:>5.1} µs CPU/call  RSS {:>6.1} MiB  grpc {:?}  decisions {:?}{lag}",
+        r.target,
+        m.throughput(),
+        m.p(0.5),
+        m.p(0.9),
+        m.p(0.99),
+        m.p(0.999),
+        m.server_us_per_call(),
+        m.client_us_per_call(),
+        m.rss_kib as f64 / 1024.0,
+        m.stats.grpc,
+        m.stats.decisions,
+    );
+}
+
+async fn run(args: Args) {
+    let duration = Duration::from_secs_f64(args.duration);
+    let dev = DevIssuer::start(DevIssuerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        tenants: vec![DevTenant {
+            tenant_id: TENANT.to_owned(),
+            clients: vec![app()],
+        }],
+        token_lifetime: Duration::from_secs(3 * 3600),
+    })
+    .await
+    .unwrap();
+
+    let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+    let hot = mint(&dev, args.hot_tokens.max(1));
+    let cold = if wants("cold") {
+        let started = Instant::now();
+        let tokens = tokio::task::block_in_place(|| mint(&dev, args.cold_tokens));
+        println!(
+            "pre-signed {} cold tokens in {:.1} s",
+            tokens.len(),
+            started.elapsed().as_secs_f64()
+        );
+        tokens
+    } else {
+        Vec::new()
+    };
+    println!(
+        "token: {} bytes (RS256, v2 app token); hot pool {} tokens",
+        hot[0].len(),
+        hot.len()
+    );
+    let raw_decode = tokio::task::block_in_place(|| {
+        raw_decode_cpu(&dev, if cold.is_empty() { &hot } else { &cold })
+    });
+    println!(
+        "raw jsonwebtoken RS256 decode: {:.1} µs CPU (single thread, this process)",
+        raw_decode * 1e6
+    );
+
+    // Generous lifetime for the children: every scenario for every target, plus start-up.
+    let scenario_count = args.scenarios.len() + args.rates.len();
+    let lifetime = 60
+        + (scenario_count as u64 + 1)
+            * (args.log_levels.len() as u64 + 1)
+            * (args.duration as u64 + 35);
+    let dir = tempfile::tempdir().unwrap();
+    let mut targets: Vec<Target> = Vec::new();
+    if !args.no_baseline {
+        targets.push(start_noop(lifetime));
+    }
+    for level in &args.log_levels {
+        targets.push(start_product(&args, &dev, dir.path(), level, lifetime));
+    }
+    for t in &targets {
+        wait_ready(t, &hot[0]).await;
+        println!("{} ready on {} (pid {})", t.name, t.addr, t.pid);
+    }
+
+    let mut scenarios: Vec<(String, Load, bool)> = Vec::new();
+    if wants("closed1") {
+        scenarios.push((
+            "closed loop, 1 conn x 1 in flight, hot".to_owned(),
+            Load::Closed {
+                connections: 1,
+                in_flight: 1,
+            },
+            false,
+        ));
+    }
+    if wants("closed") {
+        scenarios.push((
+            format!(
+                "closed loop, {} conn x {} in flight, hot",
+                args.connections, args.concurrency
+            ),
+            Load::Closed {
+                connections: args.connections,
+                in_flight: args.concurrency,
+            },
+            false,
+        ));
+    }
+    if wants("open") {
+        for &rate in &args.rates {
+            scenarios.push((
+                format!("open loop {rate}/s, {} conn, hot", args.connections),
+                Load::Open {
+                    rate,
+                    connections: args.connections,
+                },
+                false,
+            ));
+        }
+    }
+    if wants("cold") {
+        scenarios.push((
+            format!(
+                "closed loop, {} conn x {} in flight, cold",
+                args.connections, args.concurrency
+            ),
+            Load::Closed {
+                connections: args.connections,
+                in_flight: args.concurrency,
+            },
+            true,
+        ));
+    }
+
+    let mut rows: Vec<Row> = Vec::new();
+    for (name, load, is_cold) in &scenarios {
+        println!("\n== {name} ({:.0} s each)", args.duration);
+        for t in &targets {
+            // The no-op does not look at tokens: a cold run against it is a hot run.
+            if *is_cold && t.name == "noop" {
+                continue;
+            }
+            let source = if *is_cold {
+                Source::new(&cold, false)
+            } else {
+                Source::new(&hot, true)
+            };
+            let m = measure(t, load, source, duration).await;
+            let row = Row {
+                scenario: name.clone(),
+                target: t.name.clone(),
+                m,
+            };
+            print_row(&row);
+            rows.push(row);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    summary(&args, &rows, raw_decode);
+    for t in &targets {
+        if let Some(log) = &t.log {
+            let bytes = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+            println!("{}: {} KiB of log", t.name, bytes / 1024);
+        }
+    }
+    drop(targets);
+    dev.shutdown().await;
+}
+
+fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
+    let find = |scenario: &str, target: &str| {
+        rows.iter()
+            .find(|r| r.scenario.starts_with(scenario) && r.target == target)
+            .map(|r| &r.m)
+    };
+    let products: Vec<String> = args
+        .log_levels
+        .iter()
+        .map(|l| format!("s2s-authz (RUST_LOG={l})"))
+        .collect();
+    println!(
+        "\n== Against the no-op baseline, same run (ratios and differences; absolute times on this box are noisy)"
+    );
+    println!("| figure | s2s-authz | no-op | ratio / difference | target | met |");
+    println!("|---|---|---|---|---|---|");
+    let closed = format!(
+        "closed loop, {} conn x {} in flight, hot",
+        args.connections, args.concurrency
+    );
+    for p in &products {
+        if let (Some(m), Some(b)) = (find(&closed, p), find(&closed, "noop")) {
+            let ratio = m.throughput() / b.throughput();
+            println!(
+                "| {p}: throughput, hot, {} conn x {} | {:.0}/s | {:.0}/s | {:.2}x | >= 0.8x | {} |",
+                args.connections,
+                args.concurrency,
+                m.throughput(),
+                b.throughput(),
+                ratio,
+                yes(ratio >= 0.8)
+            );
+            let ratio = m.server_us_per_call() / b.server_us_per_call();
+            println!(
+                "| {p}: server CPU per Check, hot | {:.1} µs | {:.1} µs | {:.2}x | <= 1.3x | {} |",
+                m.server_us_per_call(),
+                b.server_us_per_call(),
+                ratio,
+                yes(ratio <= 1.3)
+            );
+            println!(
+                "| {p}: p99 closed loop, hot | {:.0} µs | {:.0} µs | {:+.0} µs | (info) | |",
+                m.p(0.99),
+                b.p(0.99),
+                m.p(0.99) - b.p(0.99)
+            );
+        }
+        if let (Some(m), Some(b)) = (
+            find("closed loop, 1 conn x 1 in flight", p),
+            find("closed loop, 1 conn x 1 in flight", "noop"),
+        ) {
+            println!(
+                "| {p}: throughput, 1 conn x 1 in flight | {:.0}/s | {:.0}/s | {:.2}x | (info) | |",
+                m.throughput(),
+                b.throughput(),
+                m.throughput() / b.throughput()
+            );
+            println!(
+                "| {p}: p50 latency, 1 conn x 1 in flight | {:.0} µs | {:.0} µs | {:+.0} µs | (info) | |",
+                m.p(0.5),
+                b.p(0.5),
+                m.p(0.5) - b.p(0.5)
+            );
+        }
+        for &rate in &args.rates {
+            let name = format!("open loop {rate}/s");
+            if let (Some(m), Some(b)) = (find(&name, p), find(&name, "noop")) {
+                let diff = m.p(0.99) - b.p(0.99);
+                let target = if rate >= 1000 {
+                    "<= +100 µs"
+                } else {
+                    "(info)"
+                };
+                let met = if rate >= 1000 { yes(diff <= 100.0) } else { "" };
+                println!(
+                    "| {p}: p99 open loop {rate}/s (p50 {:.0} vs {:.0}) | {:.0} µs | {:.0} µs | {:+.0} µs | {target} | {met} |",
+                    m.p(0.5),
+                    b.p(0.5),
+                    m.p(0.99),
+                    b.p(0.99),
+                    diff
+                );
+            }
+        }
+        let cold_name = format!(
+            "closed loop, {} conn x {} in flight, cold",
+            args.connections, args.concurrency
+        );
+        if let (Some(m), Some(b)) = (find(&cold_name, p), find(&closed, "noop")) {
+            let added = m.server_us_per_call() - b.server_us_per_call();
+            let ratio = added / (raw_decode * 1e6);
+            println!(
+                "| {p}: server CPU a cold Check adds over the no-op | {:.1} µs | raw decode {:.1} µs | {:.2}x | <= 1.2x | {} |",
+                added,
+                raw_decode * 1e6,
+                ratio,
+                yes(ratio <= 1.2)
+            );
+            println!(
+                "| {p}: throughput, cold | {:.0}/s | {:.0}/s (hot) | {:.2}x | (info) | |",
+                m.throughput(),
+                b.throughput(),
+                m.throughput() / b.throughput()
+            );
+            println!(
+                "| {p}: server RSS after the cold run ({} tokens cached) | {:.1} MiB | {:.1} MiB | | (info) | |",
+                m.stats.allowed().min(args.token_cache_entries as u64),
+                m.rss_kib as f64 / 1024.0,
+                b.rss_kib as f64 / 1024.0
+            );
+        }
+    }
+    if let (Some(b), Some(p)) = (
+        find(&closed, "noop"),
+        products.first().and_then(|p| find(&closed, p)),
+    ) {
+        println!(
+            "| load generator CPU per call (closed loop, hot) | {:.1} µs | {:.1} µs | | (info) | |",
+            p.client_us_per_call(),
+            b.client_us_per_call()
+        );
+    }
+}
+
+fn yes(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}

@@ -1,0 +1,457 @@
+//! `TokenCache`: tokens whose signature already checked out, so that a token seen again skips parsing
+//! and RS256 verification. It caches the verification, never the authorization: `authorize` (time,
+//! audience, app-only, allowlist, role, route, impersonation) runs on every decision.
+//!
+//! - Keyed by the SHA-256 of the whole token (the full 32 bytes): a different token never matches.
+//! - Only a successful `verify` is ever inserted; a failure is never cached.
+//! - Bounded in entries (S3-FIFO, from `quick_cache`): a flood of unique tokens cannot grow memory and,
+//!   because new keys enter a small probation queue, cannot push the hot tokens out either.
+//! - An entry is never served after `exp` + clock skew.
+//! - An entry stands in for a verification only while the key that verified it is still published, with
+//!   the same key material, in the issuer's current usable key set, and the issuer is still trusted:
+//!   `CachedToken::revalidate` checks this on every hit, so a key removed from the JWKS evicts what it
+//!   verified at the next use after the key cache refreshes.
+
+use crate::core::DecisionSettings;
+use crate::core::decision::VerifiedToken;
+use crate::core::keys::{KeySet, VerifyingKey};
+use crate::core::trust::{IssuerProfile, TrustSnapshot};
+use jsonwebtoken::Algorithm;
+use jsonwebtoken::DecodingKeyKind;
+use quick_cache::sync::Cache;
+use std::sync::Arc;
+
+/// SHA-256 of a token (without its `Bearer ` prefix): the cache key, and the source of the audit log's
+/// short token hash.
+pub type TokenDigest = [u8; 32];
+
+/// The SHA-256 of `token`, which must already be stripped of any `Bearer ` prefix.
+pub fn digest(token: &str) -> TokenDigest {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// One verified token and what it was verified with.
+#[derive(Debug)]
+pub struct CachedToken {
+    pub verified: VerifiedToken,
+    /// The token's `alg`, checked again against the algorithms allowed now.
+    pub alg: Algorithm,
+    /// The key that verified the signature. Kept to compare with the key published now under the
+    /// same `kid`: a JWKS that drops the key, or reuses the `kid` for another key, invalidates the entry.
+    key: Arc<VerifyingKey>,
+}
+
+/// What a cache hit may be used for right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revalidation {
+    /// The entry stands in for `precheck` + `verify`; go straight to `authorize`.
+    Valid,
+    /// The entry no longer proves anything (issuer untrusted or changed, key gone or replaced, no
+    /// usable key set): drop it and take the full path.
+    Stale,
+    /// The entry is sound but the current settings reject what it verified (e.g. its algorithm is no
+    /// longer allowed): take the full path, which reports the reason, and keep the entry.
+    Bypass,
+}
+
+impl CachedToken {
+    pub fn new(verified: VerifiedToken, alg: Algorithm, key: Arc<VerifyingKey>) -> Self {
+        CachedToken { verified, alg, key }
+    }
+
+    /// Whether this entry may replace `precheck`'s token checks and `verify` now, given the current
+    /// trusted issuers, the current usable key set of the entry's `jwks_uri` (`None` when there is none)
+    /// and the current decision settings.
+    pub fn revalidate(
+        &self,
+        trust: &TrustSnapshot,
+        keys: Option<&KeySet>,
+        settings: &DecisionSettings,
+    ) -> Revalidation {
+        let cached = &self.verified.issuer;
+        let Some(issuer) = trust.issuer(&cached.issuer) else {
+            return Revalidation::Stale;
+        };
+        // Rediscovery republishes equal issuers under new `Arc`s; anything else changed is a new issuer.
+        if !Arc::ptr_eq(issuer, cached) && **issuer != **cached {
+            return Revalidation::Stale;
+        }
+        let allowed = match &issuer.profile {
+            IssuerProfile::Entra => settings.algorithms.contains(&self.alg),
+            IssuerProfile::Oidc(p) => p.algorithms.contains(&self.alg),
+        };
+        if !allowed {
+            return Revalidation::Bypass;
+        }
+        let Some(keys) = keys else {
+            return Revalidation::Stale;
+        };
+        match keys.find(self.verified.kid.as_deref()) {
+            Some(key)
+                if (Arc::ptr_eq(key, &self.key) || same_key(key, &self.key))
+                    && key.accepts(self.alg) =>
+            {
+                Revalidation::Valid
+            }
+            _ => Revalidation::Stale,
+        }
+    }
+
+    /// The last second (Unix time) at which this entry may be served: `exp` plus the clock skew, the
+    /// same bound `authorize` applies.
+    pub fn served_until(&self, skew_secs: i64) -> i64 {
+        self.verified.claims.exp.saturating_add(skew_secs)
+    }
+}
+
+/// Same public key material, family and pinned algorithm. A refreshed JWKS parses into new `Arc`s, so
+/// pointer equality alone would make every key refresh look like a rotation.
+fn same_key(a: &VerifyingKey, b: &VerifyingKey) -> bool {
+    if a.family != b.family || a.alg != b.alg {
+        return false;
+    }
+    match (a.key.kind(), b.key.kind()) {
+        (DecodingKeyKind::SecretOrDer(x), DecodingKeyKind::SecretOrDer(y)) => x == y,
+        (
+            DecodingKeyKind::RsaModulusExponent { n: n1, e: e1 },
+            DecodingKeyKind::RsaModulusExponent { n: n2, e: e2 },
+        ) => n1 == n2 && e1 == e2,
+        _ => false,
+    }
+}
+
+/// The bounded cache of verified tokens, shared by every request. Lookups take one shard's read lock;
+/// there is no global lock.
+pub struct TokenCache {
+    /// `None` when disabled (`token_cache_entries: 0`).
+    entries: Option<Cache<TokenDigest, Arc<CachedToken>>>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("entries", &self.len())
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl TokenCache {
+    /// A cache of at most about `max_entries` tokens (each shard holds its share, rounded up); 0 disables it.
+    pub fn new(max_entries: usize) -> Self {
+        TokenCache {
+            entries: (max_entries > 0).then(|| Cache::new(max_entries)),
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.entries.is_some()
+    }
+
+    /// The entry for `digest`, unless it is past its `exp` + skew at `now` (then it is dropped).
+    pub fn get(&self, digest: &TokenDigest, now: i64, skew_secs: i64) -> Option<Arc<CachedToken>> {
+        let entries = self.entries.as_ref()?;
+        let entry = entries.get(digest)?;
+        if now > entry.served_until(skew_secs) {
+            self.remove(digest, &entry);
+            return None;
+        }
+        Some(entry)
+    }
+
+    /// Keeps a successfully verified token. Returns whether it was kept: a token already past its
+    /// `exp` + skew is not (it could never be served).
+    pub fn insert(
+        &self,
+        digest: TokenDigest,
+        entry: CachedToken,
+        now: i64,
+        skew_secs: i64,
+    ) -> bool {
+        let Some(entries) = &self.entries else {
+            return false;
+        };
+        if now > entry.served_until(skew_secs) {
+            return false;
+        }
+        entries.insert(digest, Arc::new(entry));
+        true
+    }
+
+    /// Drops `entry` if it is still the one cached under `digest` (a fresher entry another request
+    /// inserted meanwhile stays).
+    pub fn remove(&self, digest: &TokenDigest, entry: &Arc<CachedToken>) {
+        if let Some(entries) = &self.entries {
+            entries.remove_if(digest, |current| Arc::ptr_eq(current, entry));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.as_ref().map_or(0, Cache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The configured bound on entries (0 when disabled).
+    pub fn capacity(&self) -> u64 {
+        self.entries.as_ref().map_or(0, Cache::capacity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::decision::{self, KeyLookup, Request, Trace};
+    use crate::core::ids::TenantId;
+    use crate::core::trust::{Audiences, TrustedIssuer};
+    use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
+    use aws_lc_rs::signature::RSA_PKCS1_SHA256;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use serde_json::json;
+    use std::collections::{HashMap, HashSet};
+    use std::sync::OnceLock;
+
+    const TENANT: &str = "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
+    const ISS: &str = "https://login.microsoftonline.com/3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b/v2.0";
+    const AUD: &str = "b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
+    const NOW: i64 = 1_800_000_000;
+    const SKEW: i64 = 300;
+
+    fn key_pair(which: usize) -> &'static KeyPair {
+        static KEYS: OnceLock<[KeyPair; 2]> = OnceLock::new();
+        &KEYS.get_or_init(|| {
+            [
+                KeyPair::generate(KeySize::Rsa2048).unwrap(),
+                KeyPair::generate(KeySize::Rsa2048).unwrap(),
+            ]
+        })[which]
+    }
+
+    /// A JWKS publishing `(kid, key pair index)` pairs.
+    fn jwks(keys: &[(&str, usize)]) -> KeySet {
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|(kid, which)| {
+                let public = PublicKeyComponents::<Vec<u8>>::from(
+                    aws_lc_rs::signature::KeyPair::public_key(key_pair(*which)),
+                );
+                json!({"kty": "RSA", "use": "sig", "kid": kid,
+                       "n": URL_SAFE_NO_PAD.encode(&public.n), "e": URL_SAFE_NO_PAD.encode(&public.e)})
+            })
+            .collect();
+        KeySet::parse(json!({ "keys": keys }).to_string().as_bytes()).unwrap()
+    }
+
+    fn sign(kid: &str, which: usize, exp: i64) -> String {
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": kid}).to_string();
+        let claims =
+            json!({"aud": AUD, "iss": ISS, "exp": exp, "azp": "app", "oid": "o", "sub": "o",
+                            "tid": TENANT, "roles": ["S2SAppRole"], "idtyp": "app", "ver": "2.0"})
+            .to_string();
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
+        let pair = key_pair(which);
+        let mut sig = vec![0; pair.public_modulus_len()];
+        pair.sign(
+            &RSA_PKCS1_SHA256,
+            &aws_lc_rs::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    fn trust() -> TrustSnapshot {
+        TrustSnapshot::new(
+            [TrustedIssuer {
+                issuer: ISS.to_owned(),
+                tenant: TenantId::new(TENANT),
+                profile: IssuerProfile::Entra,
+                jwks_uri: "http://127.0.0.1/jwks".to_owned(),
+            }],
+            HashSet::new(),
+            HashSet::new(),
+        )
+    }
+
+    fn settings() -> DecisionSettings {
+        DecisionSettings {
+            service_auth_enabled: true,
+            require_client_type: false,
+            clock_skew_secs: SKEW,
+            audiences: Audiences::new([AUD]),
+            algorithms: vec![Algorithm::RS256],
+        }
+    }
+
+    /// Verifies `token` through the core, as the engine does, and builds the cache entry.
+    fn verified(token: &str, keys: &KeySet, trust: &TrustSnapshot) -> CachedToken {
+        let headers: HashMap<String, String> = HashMap::new();
+        let request = Request {
+            token,
+            method: "GET",
+            path: "/",
+            headers: &headers,
+        };
+        let mut trace = Trace::disabled();
+        let pre = decision::precheck(&request, &settings(), trust, &mut trace).unwrap();
+        let alg = pre.alg;
+        let v = decision::verify(pre, KeyLookup::Loaded(keys), &mut trace).unwrap();
+        let key = keys.find(v.kid.as_deref()).unwrap().clone();
+        CachedToken::new(v, alg, key)
+    }
+
+    #[test]
+    fn stays_bounded_under_ten_times_its_capacity_of_unique_tokens() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let template = verified(&sign("k1", 0, NOW + 3600), &keys, &trust);
+        let cache = TokenCache::new(1000);
+        for i in 0u32..10_000 {
+            let entry = CachedToken::new(
+                template.verified.clone(),
+                template.alg,
+                template.key.clone(),
+            );
+            assert!(cache.insert(digest(&format!("token-{i}")), entry, NOW, SKEW));
+            assert!(cache.len() <= 1000, "{} entries after {i}", cache.len());
+        }
+        assert!(cache.len() > 500, "the cache should stay mostly full");
+    }
+
+    #[test]
+    fn hot_tokens_survive_a_flood_of_unique_ones() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let template = verified(&sign("k1", 0, NOW + 3600), &keys, &trust);
+        let entry = || {
+            CachedToken::new(
+                template.verified.clone(),
+                template.alg,
+                template.key.clone(),
+            )
+        };
+        let cache = TokenCache::new(1000);
+        let hot: Vec<TokenDigest> = (0..50).map(|i| digest(&format!("hot-{i}"))).collect();
+        for d in &hot {
+            cache.insert(*d, entry(), NOW, SKEW);
+        }
+        for round in 0..100 {
+            for d in &hot {
+                assert!(
+                    cache.get(d, NOW, SKEW).is_some(),
+                    "hot token lost in round {round}"
+                );
+            }
+            for i in 0..100 {
+                cache.insert(digest(&format!("flood-{round}-{i}")), entry(), NOW, SKEW);
+            }
+        }
+    }
+
+    #[test]
+    fn an_entry_is_never_served_past_exp_plus_skew() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let token = sign("k1", 0, NOW + 60);
+        let cache = TokenCache::new(10);
+        let d = digest(&token);
+        assert!(cache.insert(d, verified(&token, &keys, &trust), NOW, SKEW));
+        assert!(cache.get(&d, NOW + 60 + SKEW, SKEW).is_some());
+        assert!(cache.get(&d, NOW + 61 + SKEW, SKEW).is_none());
+        // Dropped, not just hidden: even an earlier clock no longer finds it.
+        assert!(cache.get(&d, NOW, SKEW).is_none());
+        assert!(cache.is_empty());
+        // A token already past its lifetime is never kept.
+        assert!(!cache.insert(d, verified(&token, &keys, &trust), NOW + 61 + SKEW, SKEW));
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn removing_the_key_from_the_jwks_invalidates_what_it_verified() {
+        let trust = trust();
+        let before = jwks(&[("k1", 0), ("k2", 1)]);
+        let entry = verified(&sign("k1", 0, NOW + 3600), &before, &trust);
+        let settings = settings();
+        assert_eq!(
+            entry.revalidate(&trust, Some(&before), &settings),
+            Revalidation::Valid
+        );
+        // The same keys, fetched again: new `Arc`s, same material, still valid.
+        let refreshed = jwks(&[("k1", 0), ("k2", 1)]);
+        assert_eq!(
+            entry.revalidate(&trust, Some(&refreshed), &settings),
+            Revalidation::Valid
+        );
+        // `k1` removed.
+        let removed = jwks(&[("k2", 1)]);
+        assert_eq!(
+            entry.revalidate(&trust, Some(&removed), &settings),
+            Revalidation::Stale
+        );
+        // `k1` now names another key.
+        let reused = jwks(&[("k1", 1)]);
+        assert_eq!(
+            entry.revalidate(&trust, Some(&reused), &settings),
+            Revalidation::Stale
+        );
+        // No usable key set at all.
+        assert_eq!(
+            entry.revalidate(&trust, None, &settings),
+            Revalidation::Stale
+        );
+    }
+
+    #[test]
+    fn an_issuer_no_longer_trusted_or_an_algorithm_no_longer_allowed_is_not_served() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let entry = verified(&sign("k1", 0, NOW + 3600), &keys, &trust);
+        let empty = TrustSnapshot::default();
+        assert_eq!(
+            entry.revalidate(&empty, Some(&keys), &settings()),
+            Revalidation::Stale
+        );
+        // The same issuer rediscovered (a new `Arc`, equal contents) is still the same issuer.
+        assert_eq!(
+            entry.revalidate(&self::trust(), Some(&keys), &settings()),
+            Revalidation::Valid
+        );
+        let mut rs384_only = settings();
+        rs384_only.algorithms = vec![Algorithm::RS384];
+        assert_eq!(
+            entry.revalidate(&trust, Some(&keys), &rs384_only),
+            Revalidation::Bypass
+        );
+    }
+
+    #[test]
+    fn a_disabled_cache_keeps_nothing() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let token = sign("k1", 0, NOW + 3600);
+        let cache = TokenCache::new(0);
+        assert!(!cache.is_enabled());
+        assert!(!cache.insert(digest(&token), verified(&token, &keys, &trust), NOW, SKEW));
+        assert!(cache.get(&digest(&token), NOW, SKEW).is_none());
+        assert_eq!(cache.capacity(), 0);
+    }
+
+    #[test]
+    fn removal_spares_a_fresher_entry() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let token = sign("k1", 0, NOW + 3600);
+        let d = digest(&token);
+        let cache = TokenCache::new(10);
+        cache.insert(d, verified(&token, &keys, &trust), NOW, SKEW);
+        let old = cache.get(&d, NOW, SKEW).unwrap();
+        cache.insert(d, verified(&token, &keys, &trust), NOW, SKEW);
+        cache.remove(&d, &old);
+        assert!(cache.get(&d, NOW, SKEW).is_some());
+    }
+}
