@@ -1,0 +1,449 @@
+//! End-to-end tests with a real Envoy (1.40) in front of an upstream that echoes the request headers it got:
+//! Envoy's ext_authz filter asks the real `s2s-authz` binary, which must let genuine callers through with
+//! identity headers (never spoofable) and turn everyone else away with RFC 6750 challenges.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use axum::http::HeaderMap;
+use serde_json::{Map, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use support::{BILLING, ChildGuard, LEGACY_REPORTS, ORDERS, STRANGER, Sidecar, TENANT};
+
+/// Header every test request carries so the upstream's log shows which requests reached it.
+const CASE: &str = "x-test-case";
+
+/// The Envoy bootstrap: one listener whose HTTP connection manager runs ext_authz (gRPC, v3, fail closed)
+/// against the `s2s_authz` cluster (HTTP/2), then routes to the `upstream` cluster. Admin and listener use
+/// port 0; the real ports are read back from the admin API.
+fn bootstrap(sidecar_grpc: SocketAddr, upstream: SocketAddr) -> String {
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: ingress
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+          http_filters:
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              grpc_service:
+                envoy_grpc: {{ cluster_name: s2s_authz }}
+                timeout: 1s
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: s2s_authz
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: s2s_authz
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {sidecar_ip}, port_value: {sidecar_port} }}
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {upstream_ip}, port_value: {upstream_port} }}
+"#,
+        sidecar_ip = sidecar_grpc.ip(),
+        sidecar_port = sidecar_grpc.port(),
+        upstream_ip = upstream.ip(),
+        upstream_port = upstream.port(),
+    )
+}
+
+/// A running Envoy; killed when dropped.
+struct Envoy {
+    _process: ChildGuard,
+    listener: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn envoy_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
+}
+
+impl Envoy {
+    /// Starts Envoy with `config` and waits until it is live and its listener's port is known.
+    async fn start(binary: PathBuf, config: String) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("envoy.yaml");
+        let admin_path = dir.path().join("admin-address");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            // No shared memory or domain socket: Envoys of parallel tests cannot collide.
+            .arg("--disable-hot-restart")
+            .args(["--concurrency", "1", "-l", "warning"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let mut process = ChildGuard::new(child, "envoy");
+
+        let (process, admin, dir) = tokio::task::spawn_blocking(move || {
+            let admin: SocketAddr = support::poll("Envoy's admin address", || {
+                if let Some(status) = process.try_wait() {
+                    panic!("Envoy exited ({status}):\n{}", envoy_log(dir.path()));
+                }
+                std::fs::read_to_string(&admin_path)
+                    .ok()
+                    .and_then(|a| a.trim().parse().ok())
+            });
+            support::poll("Envoy to be LIVE", || {
+                if let Some(status) = process.try_wait() {
+                    panic!("Envoy exited ({status}):\n{}", envoy_log(dir.path()));
+                }
+                support::http_get(admin, "/ready")
+                    .filter(|(status, body)| *status == 200 && body.contains("LIVE"))
+            });
+            (process, admin, dir)
+        })
+        .await
+        .unwrap();
+
+        let listeners: Value = get_json(&format!("http://{admin}/listeners?format=json")).await;
+        let port = listeners["listener_statuses"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["name"] == "ingress"))
+            .and_then(|l| l["local_address"]["socket_address"]["port_value"].as_u64())
+            .unwrap_or_else(|| panic!("no ingress listener port in {listeners}"));
+        let listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()));
+        Envoy {
+            _process: process,
+            listener,
+            _dir: dir,
+        }
+    }
+}
+
+async fn get_json(url: &str) -> Value {
+    let response = support::http_client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let text = response.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url} is not JSON ({e}): {text}"))
+}
+
+/// Request headers as the upstream received them: name → every value, in order.
+type Seen = Map<String, Value>;
+
+fn to_json(headers: &HeaderMap) -> Seen {
+    let mut seen = Map::new();
+    for name in headers.keys() {
+        let values: Vec<Value> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        seen.insert(name.as_str().to_owned(), Value::Array(values));
+    }
+    seen
+}
+
+/// An upstream on 127.0.0.1:0 that answers every request with the headers it received as JSON, and keeps
+/// a record of them.
+async fn echo_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+        let record = record.clone();
+        async move {
+            let json = to_json(&headers);
+            record.lock().unwrap().push(json.clone());
+            axum::Json(Value::Object(json))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+async fn send(envoy: &Envoy, case: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = support::http_client()
+        .get(format!("http://{}/orders/42", envoy.listener))
+        .header(CASE, case);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{case}: request through Envoy: {e}"));
+    Reply {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: response.text().await.unwrap(),
+    }
+}
+
+fn values<'a>(seen: &'a Seen, name: &str) -> Vec<&'a str> {
+    seen.get(name)
+        .and_then(Value::as_array)
+        .map(|v| v.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn reached_upstream(seen: &Mutex<Vec<Seen>>, case: &str) -> bool {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .any(|h| values(h, CASE).contains(&case))
+}
+
+/// A deny as the caller sees it through Envoy.
+fn assert_deny(reply: &Reply, case: &str, status: u16, challenge: &str, reason: &str) {
+    assert_eq!(reply.status, status, "{case}: status; body {}", reply.body);
+    assert_eq!(
+        reply.header("www-authenticate"),
+        Some(challenge),
+        "{case}: challenge"
+    );
+    assert_eq!(
+        reply.header("x-s2s-deny-reason"),
+        Some(reason),
+        "{case}: deny reason header"
+    );
+    let body = reply.json();
+    assert_eq!(body["reason"], reason, "{case}: body {body}");
+}
+
+#[test]
+fn generated_envoy_bootstrap_validates() {
+    let Some(envoy) =
+        support::find_tool("envoy", "S2S_ENVOY", "generated_envoy_bootstrap_validates")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(
+        &path,
+        bootstrap(
+            "127.0.0.1:50051".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        ),
+    )
+    .unwrap();
+    let output = Command::new(&envoy)
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "envoy --mode validate: {text}");
+    assert!(text.contains("OK"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_enforces_sidecar_decisions_end_to_end() {
+    let Some(envoy_bin) = support::find_tool(
+        "envoy",
+        "S2S_ENVOY",
+        "envoy_enforces_sidecar_decisions_end_to_end",
+    ) else {
+        return;
+    };
+    let (upstream, seen) = echo_upstream().await;
+    let mut sidecar = tokio::task::spawn_blocking(Sidecar::start).await.unwrap();
+    let envoy = Envoy::start(envoy_bin, bootstrap(sidecar.grpc_addr, upstream)).await;
+    let orders_token = sidecar.token(&ORDERS);
+    let legacy_token = sidecar.token(&LEGACY_REPORTS);
+    let stranger_token = sidecar.token(&STRANGER);
+    let billing_token = sidecar.token(&BILLING);
+
+    // (a) A genuine caller gets through; the upstream sees who it is and nothing the caller made up.
+    let bearer = format!("Bearer {orders_token}");
+    let reply = send(
+        &envoy,
+        "allowed-v2",
+        &[
+            ("authorization", &bearer),
+            ("x-s2s-tenant-id", "evil"),
+            ("x-s2s-whatever", "1"),
+            (
+                "x-s2s-effective-user",
+                "00000000-0000-4000-8000-000000000000",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "allowed: {}", reply.body);
+    let echoed = reply.json();
+    let echoed = echoed.as_object().expect("echo body is an object");
+    assert_eq!(values(echoed, "x-s2s-client-app-id"), [ORDERS.client_id]);
+    assert_eq!(
+        values(echoed, "x-s2s-tenant-id"),
+        [TENANT],
+        "the spoofed tenant is overwritten, not appended"
+    );
+    assert_eq!(values(echoed, "x-s2s-object-id"), [ORDERS.object_id]);
+    assert_eq!(
+        values(echoed, "x-s2s-application-user-name"),
+        ["Orders Service (application user)"]
+    );
+    assert_eq!(
+        values(echoed, "x-s2s-security-role"),
+        ["Orders Integration"]
+    );
+    assert_eq!(values(echoed, "x-s2s-application-user-id").len(), 1);
+    assert!(
+        !echoed.contains_key("x-s2s-whatever"),
+        "unknown x-s2s-* headers are stripped: {echoed:?}"
+    );
+    assert!(
+        !echoed.contains_key("x-s2s-effective-user"),
+        "a caller cannot claim to impersonate: {echoed:?}"
+    );
+    assert!(
+        echoed
+            .values()
+            .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+            .all(|v| v != "evil"),
+        "the spoofed value never reaches the upstream: {echoed:?}"
+    );
+    assert!(reached_upstream(&seen, "allowed-v2"));
+
+    let bearer = format!("Bearer {legacy_token}");
+    let reply = send(&envoy, "allowed-v1", &[("authorization", &bearer)]).await;
+    assert_eq!(reply.status, 200, "v1 token: {}", reply.body);
+    let echoed = reply.json();
+    let echoed = echoed.as_object().expect("echo body is an object");
+    assert_eq!(
+        values(echoed, "x-s2s-client-app-id"),
+        [LEGACY_REPORTS.client_id]
+    );
+
+    // (b) No credentials: a bare challenge, and the upstream is never called.
+    let reply = send(&envoy, "no-token", &[]).await;
+    assert_deny(&reply, "no token", 401, "Bearer", "TOKEN_MISSING");
+    assert!(!reached_upstream(&seen, "no-token"));
+
+    // (c) A token that is not one.
+    let reply = send(
+        &envoy,
+        "bad-token",
+        &[("authorization", "Bearer abc.def.ghi")],
+    )
+    .await;
+    assert_deny(
+        &reply,
+        "bad token",
+        401,
+        r#"Bearer error="invalid_token""#,
+        "TOKEN_MALFORMED",
+    );
+    assert_eq!(reply.json()["error"], "invalid_token");
+    assert!(!reached_upstream(&seen, "bad-token"));
+
+    // (d) Genuine tokens of applications that may not call: 403 insufficient_scope.
+    let bearer = format!("Bearer {stranger_token}");
+    let reply = send(&envoy, "stranger", &[("authorization", &bearer)]).await;
+    assert_deny(
+        &reply,
+        "stranger",
+        403,
+        r#"Bearer error="insufficient_scope""#,
+        "APPLICATION_NOT_ALLOWED",
+    );
+    assert_eq!(reply.json()["error"], "insufficient_scope");
+    assert!(!reached_upstream(&seen, "stranger"));
+
+    let bearer = format!("Bearer {billing_token}");
+    let reply = send(&envoy, "billing", &[("authorization", &bearer)]).await;
+    assert_deny(
+        &reply,
+        "billing",
+        403,
+        r#"Bearer error="insufficient_scope""#,
+        "ROLE_MISSING",
+    );
+    assert!(!reached_upstream(&seen, "billing"));
+
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "only the two allowed requests reached the upstream"
+    );
+
+    // Fail closed: with the sidecar gone, even a genuine caller is turned away.
+    sidecar.signal("TERM");
+    let exited = tokio::task::spawn_blocking(move || sidecar.wait_exit(support::DEADLINE))
+        .await
+        .unwrap();
+    assert_eq!(exited.and_then(|s| s.code()), Some(0), "sidecar exit");
+    let bearer = format!("Bearer {orders_token}");
+    let reply = send(&envoy, "sidecar-down", &[("authorization", &bearer)]).await;
+    assert_ne!(reply.status, 200, "no decision, no access: {}", reply.body);
+    assert!(reply.status >= 400, "status {}", reply.status);
+    assert!(!reached_upstream(&seen, "sidecar-down"));
+}
