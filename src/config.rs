@@ -579,6 +579,20 @@ pub fn resolve(
         .or_else(|| file.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
 
+    let admin_addr = addr(
+        args.admin_addr,
+        file.admin_addr,
+        DEFAULT_ADMIN_ADDR,
+        "admin_addr",
+    )?;
+    // The registry API can change who is allowed. Until admin calls are authenticated (a bearer token
+    // with an admin app role), the admin port is refused anywhere but loopback: fail closed.
+    if !admin_addr.ip().is_loopback() {
+        return Err(invalid(
+            "admin_addr",
+            "must be a loopback address: admin calls are not authenticated yet",
+        ));
+    }
     Ok(Settings {
         grpc_addr: addr(
             args.grpc_addr,
@@ -586,12 +600,7 @@ pub fn resolve(
             DEFAULT_GRPC_ADDR,
             "grpc_addr",
         )?,
-        admin_addr: addr(
-            args.admin_addr,
-            file.admin_addr,
-            DEFAULT_ADMIN_ADDR,
-            "admin_addr",
-        )?,
+        admin_addr,
         metrics_addr: addr(
             args.metrics_addr,
             file.metrics_addr,
@@ -962,6 +971,15 @@ mod tests {
         assert_eq!(settings.instance, format!("http://{}/", dev.addr));
         assert!(!settings.tenants.is_empty());
         assert!(!settings.registry.entries().is_empty());
+    }
+
+    #[test]
+    fn the_admin_port_stays_on_loopback_until_admin_calls_are_authenticated() {
+        let file = parse_yaml("admin_addr: 0.0.0.0:50052\nauth: {audiences: [x]}", "t").unwrap();
+        let err = resolve(file, &ServeArgs::default(), &MctSettings::default()).unwrap_err();
+        assert!(err.to_string().contains("admin_addr"), "{err}");
+        let file = parse_yaml("admin_addr: '[::1]:50052'\nauth: {audiences: [x]}", "t").unwrap();
+        assert!(resolve(file, &ServeArgs::default(), &MctSettings::default()).is_ok());
     }
 
     #[test]
