@@ -1,4 +1,4 @@
-//! The command line: `s2s-authz serve`, with logging set up and signals handled.
+//! The command line: `s2s-authz serve` (with logging set up and signals handled) and `s2s-authz registry`.
 
 use crate::config::{self, LogFormat, MctSettings, ServeArgs};
 use clap::{Parser, Subcommand};
@@ -19,11 +19,14 @@ pub struct Cli {
 pub enum Command {
     /// Serve decisions (native API and Envoy ext_authz) until SIGTERM or SIGINT; SIGHUP reloads.
     Serve(ServeArgs),
+    /// Administer the registry over the admin API
+    Registry(crate::registry_cli::RegistryArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Registry(args) => crate::registry_cli::run(args),
     }
 }
 

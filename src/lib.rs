@@ -15,6 +15,7 @@ pub mod jwks;
 pub mod metrics;
 pub mod proto;
 pub mod registry;
+pub mod registry_cli;
 pub mod server;
 pub mod store;
 pub mod token_cache;
