@@ -100,10 +100,11 @@ impl Store {
         })?;
         let path = dir.join("registry.db");
         let mut conn = Connection::open(&path)?;
+        // First, so that even the pragmas below wait for another process's lock instead of failing.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL lets readers proceed during a write; FULL makes each commit durable when it returns.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
