@@ -19,7 +19,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 /// Service names whose health follows key readiness (besides the overall `""`).
@@ -174,7 +173,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let shutdown = stopped(&stop);
     tasks.spawn(async move {
         if let Err(e) = decision_router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+            .serve_with_incoming_shutdown(incoming(grpc), shutdown)
             .await
         {
             tracing::error!(error = %e, "decision port failed");
@@ -190,7 +189,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let shutdown = stopped(&stop);
     tasks.spawn(async move {
         if let Err(e) = admin_router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(admin), shutdown)
+            .serve_with_incoming_shutdown(incoming(admin), shutdown)
             .await
         {
             tracing::error!(error = %e, "admin port failed");
@@ -220,6 +219,13 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         tasks,
         background,
     })
+}
+
+/// Accepted connections with Nagle's algorithm off: a decision is one small response, and with Nagle
+/// on it waits for the peer's delayed ACK (about 40 ms per call). tonic's own `tcp_nodelay` setting
+/// does not apply to listeners handed to `serve_with_incoming*`, so it is set here.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Reflection (v1 and v1alpha) advertising exactly the services a port serves, plus health.
