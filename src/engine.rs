@@ -189,12 +189,7 @@ impl Authorizer {
         if !settings.service_auth_enabled {
             return None;
         }
-        if settings.require_client_type
-            && !request
-                .headers
-                .header("clienttype")
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case("service"))
-        {
+        if settings.require_client_type && !decision::has_service_client_type(request.headers) {
             return None;
         }
         let now = unix_now();

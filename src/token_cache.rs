@@ -15,7 +15,7 @@
 use crate::core::DecisionSettings;
 use crate::core::decision::VerifiedToken;
 use crate::core::keys::{KeySet, VerifyingKey};
-use crate::core::trust::{IssuerProfile, TrustSnapshot};
+use crate::core::trust::TrustSnapshot;
 use jsonwebtoken::Algorithm;
 use jsonwebtoken::DecodingKeyKind;
 use quick_cache::sync::Cache;
@@ -79,11 +79,7 @@ impl CachedToken {
         if !Arc::ptr_eq(issuer, cached) && **issuer != **cached {
             return Revalidation::Stale;
         }
-        let allowed = match &issuer.profile {
-            IssuerProfile::Entra => settings.algorithms.contains(&self.alg),
-            IssuerProfile::Oidc(p) => p.algorithms.contains(&self.alg),
-        };
-        if !allowed {
+        if !crate::core::decision::algorithm_allowed(settings, &issuer.profile, self.alg) {
             return Revalidation::Bypass;
         }
         let Some(keys) = keys else {
@@ -208,6 +204,7 @@ mod tests {
     use super::*;
     use crate::core::decision::{self, KeyLookup, Request, Trace};
     use crate::core::ids::TenantId;
+    use crate::core::trust::IssuerProfile;
     use crate::core::trust::{Audiences, TrustedIssuer};
     use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
     use aws_lc_rs::signature::RSA_PKCS1_SHA256;

@@ -335,11 +335,7 @@ pub fn precheck<'a>(
     trace.pass(Check::ServiceAuth, String::new);
 
     if settings.require_client_type {
-        let ok = request
-            .headers
-            .header("clienttype")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("service"));
-        if !ok {
+        if !has_service_client_type(request.headers) {
             return fail(
                 trace,
                 Check::ClientType,
@@ -400,10 +396,7 @@ pub fn precheck<'a>(
     let issuer = trust_issuer(&token.claims, trust);
     let allowed =
         match &issuer {
-            Ok(i) => match &i.profile {
-                IssuerProfile::Entra => settings.algorithms.contains(&alg),
-                IssuerProfile::Oidc(p) => p.algorithms.contains(&alg),
-            },
+            Ok(i) => algorithm_allowed(settings, &i.profile, alg),
             Err(_) => settings.algorithms.contains(&alg)
                 || trust.issuers().any(
                     |i| matches!(&i.profile, IssuerProfile::Oidc(p) if p.algorithms.contains(&alg)),
@@ -427,6 +420,25 @@ pub fn precheck<'a>(
     };
     trace.pass(Check::Issuer, || format!("tenant {}", issuer.tenant));
     Ok(Prechecked { token, alg, issuer })
+}
+
+/// Whether the request carries `clienttype: service` (value case-insensitive), as the MCT settings require.
+pub fn has_service_client_type(headers: &dyn Headers) -> bool {
+    headers
+        .header("clienttype")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("service"))
+}
+
+/// Whether tokens of an issuer with this profile may be signed with `alg` under the current settings.
+pub fn algorithm_allowed(
+    settings: &DecisionSettings,
+    profile: &IssuerProfile,
+    alg: Algorithm,
+) -> bool {
+    match profile {
+        IssuerProfile::Entra => settings.algorithms.contains(&alg),
+        IssuerProfile::Oidc(p) => p.algorithms.contains(&alg),
+    }
 }
 
 fn trust_issuer(claims: &Claims, trust: &TrustSnapshot) -> Result<Arc<TrustedIssuer>, Box<Denied>> {
