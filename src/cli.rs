@@ -18,14 +18,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve decisions (native API and Envoy ext_authz) until SIGTERM or SIGINT; SIGHUP reloads.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Administer the registry over the admin API
     Registry(crate::registry_cli::RegistryArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Registry(args) => crate::registry_cli::run(args),
     }
 }
@@ -117,7 +117,7 @@ impl Signals {
                 _ = self.int.recv() => return,
                 _ = self.hup.recv() => match load(args) {
                     Ok(settings) => {
-                        if let Err(e) = running.reload(&settings) {
+                        if let Err(e) = running.reload(&settings).await {
                             tracing::error!("reload refused, keeping the current configuration: {e}");
                         }
                     }

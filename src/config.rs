@@ -13,6 +13,7 @@ use crate::core::trust::{AppOnlyRule, Audiences, OidcProfile};
 use crate::devissuer::{DevClient, DevIssuerConfig, DevTenant, TokenVersion};
 use crate::directory::OidcIssuer;
 use crate::jwks::KeySettings;
+use crate::store::DatabaseUrl;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -60,6 +61,10 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 pub struct FileConfig {
     /// Directory of the registry store.
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL of a registry store shared by a fleet (instead of SQLite in `data_dir`).
+    pub database_url: Option<String>,
+    /// How often a shared store is re-read in full, besides its change notices.
+    pub registry_resync_secs: Option<u64>,
     pub grpc_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -249,6 +254,13 @@ pub struct ServeArgs {
     /// Directory of the registry store (SQLite, created if missing) [default: ./s2s-authz-data].
     #[arg(long, env = "S2S_AUTHZ_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL of a registry store shared by a fleet of sidecars, instead of SQLite
+    /// (postgres://user:password@host:port/database). Prefer the variable: flags show in `ps`.
+    #[arg(long, env = "S2S_AUTHZ_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// How often a shared (PostgreSQL) registry is re-read in full, besides its change notices [default: 30].
+    #[arg(long, env = "S2S_AUTHZ_REGISTRY_RESYNC_SECS")]
+    pub registry_resync_secs: Option<u64>,
     /// Decision port: native API, Envoy ext_authz, health, reflection [default: 127.0.0.1:50051].
     #[arg(long, env = "S2S_AUTHZ_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -402,8 +414,12 @@ pub struct Settings {
     /// What configuration provisions (file and MCT variables): re-applied at every start and reload,
     /// read-only through the registry API.
     pub provisioned: RegistryParts,
-    /// Where the registry store (SQLite) lives.
+    /// Where the registry store (SQLite) lives, unless `database_url` is set.
     pub data_dir: PathBuf,
+    /// A PostgreSQL registry store shared by a fleet.
+    pub database_url: Option<DatabaseUrl>,
+    /// How often a shared store is re-read in full, besides its change notices.
+    pub registry_resync: Duration,
     pub dev_issuer: Option<DevIssuerConfig>,
     pub log_format: LogFormat,
 }
@@ -578,6 +594,17 @@ pub fn resolve(
         .clone()
         .or_else(|| file.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let database_url = args
+        .database_url
+        .as_deref()
+        .or(file.database_url.as_deref())
+        .filter(|url| !url.trim().is_empty())
+        .map(|url| DatabaseUrl::parse(url.trim()).map_err(|e| invalid("database_url", e)))
+        .transpose()?;
+    let registry_resync = secs(args.registry_resync_secs, file.registry_resync_secs, 30);
+    if registry_resync.is_zero() {
+        return Err(invalid("registry_resync_secs", "must be positive"));
+    }
 
     let admin_addr = addr(
         args.admin_addr,
@@ -624,6 +651,8 @@ pub fn resolve(
         registry,
         provisioned,
         data_dir,
+        database_url,
+        registry_resync,
         dev_issuer,
         log_format: args.log_format,
     })

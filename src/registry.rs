@@ -5,6 +5,10 @@
 //! A change is validated inside its write transaction: if the resulting registry would be invalid (a
 //! duplicate identity, a role still in use, a builtin role on an application user), nothing is
 //! committed. Provisioned resources are read-only here.
+//!
+//! A store shared by a fleet (PostgreSQL) also changes under other sidecars' hands: `spawn_watcher`
+//! follows its change feed and resyncs on every notice and periodically (healing a missed notice or a
+//! lost connection), publishing whenever the stored registry differs from what was last published.
 
 use crate::core::ids::is_guid;
 use crate::core::registry::{
@@ -16,7 +20,9 @@ use crate::store::{Etags, Kind, Store, StoreError, Tx};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryOpError {
@@ -146,6 +152,8 @@ pub fn entra_tenants(snapshot: &RegistrySnapshot) -> BTreeSet<String> {
 pub struct Registry {
     store: Store,
     provisioned: Mutex<RegistryParts>,
+    /// The stored part of the registry as last published.
+    published: Mutex<RegistryParts>,
     /// Held from a change's transaction through its publication, so snapshots are published in commit order.
     publishing: Mutex<()>,
     authorizer: Arc<Authorizer>,
@@ -176,6 +184,7 @@ impl Registry {
         let registry = Arc::new(Registry {
             store,
             provisioned: Mutex::new(provisioned),
+            published: Mutex::new(RegistryParts::default()),
             publishing: Mutex::new(()),
             authorizer,
         });
@@ -185,9 +194,51 @@ impl Registry {
             .unwrap_or_else(PoisonError::into_inner);
         let (stored, _) = registry.store.load()?;
         let snapshot = validate(&registry.provisioned(), &stored)?;
-        registry.publish(snapshot);
+        registry.publish(snapshot, stored);
         drop(_order);
         Ok(registry)
+    }
+
+    /// Re-reads the store and publishes it if it changed since the last publication (another
+    /// sidecar's change, or one made straight in the database). Returns whether it published. A stored
+    /// registry that does not validate is refused; the last good one keeps serving.
+    pub fn resync(&self) -> Result<bool, RegistryOpError> {
+        let _order = self
+            .publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (stored, _) = self.store.load()?;
+        if *self.published.lock().unwrap_or_else(PoisonError::into_inner) == stored {
+            return Ok(false);
+        }
+        let snapshot = validate(&self.provisioned(), &stored)?;
+        self.publish(snapshot, stored);
+        Ok(true)
+    }
+
+    /// Follows a shared store's changes on a thread of its own: resyncs at every change notice, after
+    /// every (re)connection of the feed, and every `every` in any case. `None` for a store only this
+    /// process writes.
+    pub fn spawn_watcher(self: &Arc<Self>, every: Duration) -> Option<Watcher> {
+        if !self.store.is_shared() {
+            return None;
+        }
+        let registry = Arc::downgrade(self);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("s2s-authz-registry-watch".to_owned())
+            .spawn(move || watch(&registry, &flag, every));
+        match thread {
+            Ok(thread) => Some(Watcher {
+                stop,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the registry watcher; relying on restarts");
+                None
+            }
+        }
     }
 
     fn provisioned(&self) -> RegistryParts {
@@ -197,7 +248,8 @@ impl Registry {
             .clone()
     }
 
-    fn publish(&self, snapshot: RegistrySnapshot) {
+    fn publish(&self, snapshot: RegistrySnapshot, stored: RegistryParts) {
+        *self.published.lock().unwrap_or_else(PoisonError::into_inner) = stored;
         let tenants = entra_tenants(&snapshot);
         let current = self.authorizer.allowlist().load();
         self.authorizer.allowlist().replace(Policy {
@@ -223,6 +275,7 @@ impl Registry {
             .provisioned
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = provisioned;
+        *self.published.lock().unwrap_or_else(PoisonError::into_inner) = stored;
         let tenants = entra_tenants(&snapshot);
         self.authorizer.allowlist().replace(Policy {
             settings,
@@ -242,13 +295,13 @@ impl Registry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let provisioned = self.provisioned();
-        let (result, snapshot) = self.store.transact(|tx| {
+        let (result, snapshot, stored) = self.store.transact(|tx| {
             let result = f(tx, &provisioned)?;
             let (stored, _) = tx.load()?;
             let snapshot = validate(&provisioned, &stored)?;
-            Ok::<_, RegistryOpError>((result, snapshot))
+            Ok::<_, RegistryOpError>((result, snapshot, stored))
         })?;
-        self.publish(snapshot);
+        self.publish(snapshot, stored);
         Ok(result)
     }
 
@@ -401,4 +454,81 @@ fn check_current<T: Resource>(
         });
     }
     Ok(())
+}
+
+/// The running registry watcher; `stop` ends it.
+#[derive(Debug)]
+pub struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    /// Asks the watcher to end and waits for it (it notices within one poll interval).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How often the watcher looks up from waiting on the feed, to notice `stop` and the resync deadline.
+const WATCH_POLL: Duration = Duration::from_millis(200);
+/// The longest pause between attempts to reconnect the change feed.
+const MAX_FEED_BACKOFF: Duration = Duration::from_secs(5);
+
+fn watch(registry: &Weak<Registry>, stop: &AtomicBool, every: Duration) {
+    let mut feed = None;
+    let mut backoff = WATCH_POLL;
+    let mut reconnect_at = Instant::now();
+    let mut resync_at = Instant::now() + every;
+    while !stop.load(Ordering::Acquire) {
+        let Some(this) = registry.upgrade() else {
+            return;
+        };
+        let mut due = Instant::now() >= resync_at;
+        if feed.is_none() && Instant::now() >= reconnect_at {
+            match this.store.subscribe() {
+                Some(Ok(subscription)) => {
+                    feed = Some(subscription);
+                    backoff = WATCH_POLL;
+                    // Notices sent while there was no feed are gone: read the store again.
+                    due = true;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis(), "registry change feed unavailable");
+                    reconnect_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(MAX_FEED_BACKOFF);
+                }
+                None => return,
+            }
+        }
+        let notified = match feed.as_mut() {
+            Some(subscription) => match subscription.wait(WATCH_POLL) {
+                Ok(notified) => notified,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry change feed lost; resyncing when it is back");
+                    feed = None;
+                    reconnect_at = Instant::now();
+                    false
+                }
+            },
+            None => {
+                std::thread::park_timeout(WATCH_POLL);
+                false
+            }
+        };
+        if (due || notified) && !stop.load(Ordering::Acquire) {
+            resync_at = Instant::now() + every;
+            match this.resync() {
+                Ok(true) => tracing::info!("registry changed in the shared store: published"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry resync failed; the last good registry keeps serving")
+                }
+            }
+        }
+    }
 }

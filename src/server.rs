@@ -12,8 +12,8 @@ use crate::metrics::Metrics;
 use crate::proto::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use crate::proto::s2sauthz::v1::authorizer_server::AuthorizerServer;
 use crate::proto::s2sauthz::v1::registry_server::RegistryServer;
-use crate::registry::Registry;
-use crate::store::Store;
+use crate::registry::{Registry, Watcher};
+use crate::store::{Location, Store};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -46,6 +46,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("the registry is inconsistent with the configuration: {0}")]
     Registry(#[from] crate::registry::RegistryOpError),
+    #[error("opening the registry: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 /// A running service. Dropping it does not stop it; call `shutdown`.
@@ -56,6 +58,7 @@ pub struct Running {
     pub authorizer: Arc<Authorizer>,
     pub registry: Arc<Registry>,
     pub dev_issuer: Option<DevIssuer>,
+    watcher: Option<Watcher>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     background: JoinSet<()>,
@@ -111,8 +114,19 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         settings.token_cache_entries,
     ));
     // The registry publishes the merged allowlist (configuration + store) and its tenants at once.
-    let store = Store::open(&settings.data_dir)?;
-    let registry = Registry::open(store, settings.provisioned.clone(), authorizer.clone())?;
+    // Opening blocks (file or database I/O, migrations), so it runs off the async workers.
+    let location = match &settings.database_url {
+        Some(url) => Location::Postgres(url.clone()),
+        None => Location::Sqlite(settings.data_dir.clone()),
+    };
+    let provisioned = settings.provisioned.clone();
+    let publish_to = authorizer.clone();
+    let registry = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&location)?;
+        Ok::<_, StartError>(Registry::open(store, provisioned, publish_to)?)
+    })
+    .await??;
+    let watcher = registry.spawn_watcher(settings.registry_resync);
 
     let grpc = bind("the decision port", settings.grpc_addr).await?;
     let admin = bind("the admin port", settings.admin_addr).await?;
@@ -215,6 +229,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         authorizer,
         registry,
         dev_issuer,
+        watcher,
         stop,
         tasks,
         background,
@@ -265,9 +280,12 @@ impl Running {
     /// Applies a reloaded configuration's policy (decision settings and provisioned registry) atomically,
     /// merged with the store. Listener addresses and key settings need a restart. A configuration that
     /// conflicts with the store is refused and the current policy keeps serving.
-    pub fn reload(&self, settings: &Settings) -> Result<(), crate::registry::RegistryOpError> {
-        self.registry
-            .reprovision(settings.provisioned.clone(), settings.decision.clone())?;
+    pub async fn reload(&self, settings: &Settings) -> Result<(), crate::registry::RegistryOpError> {
+        let registry = self.registry.clone();
+        let (provisioned, decision) = (settings.provisioned.clone(), settings.decision.clone());
+        tokio::task::spawn_blocking(move || registry.reprovision(provisioned, decision))
+            .await
+            .map_err(|e| crate::registry::RegistryOpError::FailedPrecondition(e.to_string()))??;
         tracing::info!(
             provisioned_entries = settings.provisioned.entries.len(),
             "configuration reloaded"
@@ -280,6 +298,9 @@ impl Running {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
         self.background.shutdown().await;
+        if let Some(watcher) = self.watcher.take() {
+            let _ = tokio::task::spawn_blocking(move || watcher.stop()).await;
+        }
         if let Some(dev) = self.dev_issuer.take() {
             dev.shutdown().await;
         }

@@ -211,18 +211,19 @@ async fn registry_and_settings_changes_apply_to_a_cached_token_at_once() {
     assert_eq!(running.authorizer.token_cache().len(), 1);
 
     // The app entry is disabled: the very next decision says so.
-    running.reload(&settings(&dev, "", false)).unwrap();
+    running.reload(&settings(&dev, "", false)).await.unwrap();
     let r = decide(&mut client, &token, &[]).await;
     assert_eq!(r.reason(), DenyReason::ApplicationDisabled, "{}", r.message);
     assert_eq!(r.caller.unwrap().client_app_id, APP);
 
     // Enabled again: allowed again, still from the same cached verification.
-    running.reload(&settings(&dev, "", true)).unwrap();
+    running.reload(&settings(&dev, "", true)).await.unwrap();
     assert!(decide(&mut client, &token, &[]).await.allowed);
 
     // Checks `precheck` makes on the request and settings still apply to a cached token.
     running
         .reload(&settings(&dev, "require_client_type: true", true))
+        .await
         .unwrap();
     let r = decide(&mut client, &token, &[]).await;
     assert_eq!(r.reason(), DenyReason::ClientTypeMissing, "{}", r.message);
@@ -234,23 +235,26 @@ async fn registry_and_settings_changes_apply_to_a_cached_token_at_once() {
 
     running
         .reload(&settings(&dev, "algorithms: [RS384]", true))
+        .await
         .unwrap();
     let r = decide(&mut client, &token, &[]).await;
     assert_eq!(r.reason(), DenyReason::AlgorithmNotAllowed, "{}", r.message);
 
     running
         .reload(&settings(&dev, "enabled: false", true))
+        .await
         .unwrap();
     let r = decide(&mut client, &token, &[]).await;
     assert!(!r.allowed, "service auth off denies every call");
 
     running
         .reload(&settings_for(&dev, "api://another", "", true))
+        .await
         .unwrap();
     let r = decide(&mut client, &token, &[]).await;
     assert_eq!(r.reason(), DenyReason::AudienceMismatch, "{}", r.message);
 
-    running.reload(&settings(&dev, "", true)).unwrap();
+    running.reload(&settings(&dev, "", true)).await.unwrap();
     assert!(decide(&mut client, &token, &[]).await.allowed);
     assert_eq!(running.authorizer.token_cache().len(), 1);
 

@@ -44,6 +44,10 @@ fn status(e: RegistryOpError) -> Status {
         RegistryOpError::StaleEtag { .. } => Status::aborted(e.to_string()),
         RegistryOpError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
         RegistryOpError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+        RegistryOpError::Store(e) if e.is_unavailable() => {
+            tracing::warn!(error = %e, "registry store unavailable");
+            Status::unavailable("registry store unavailable; retry")
+        }
         RegistryOpError::Store(e) => {
             tracing::error!(error = %e, "registry store failure");
             Status::internal("registry store failure")

@@ -616,3 +616,83 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     Some((status, body))
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// A database of its own for one test, in the server at `$S2S_POSTGRES_URL` (started by `scripts/test`);
+/// dropped with the guard. `None` (SKIP) when the variable is unset, unless `S2S_E2E_REQUIRED=1`.
+pub struct PgDatabase {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub fn create(test: &str) -> Option<Self> {
+        let Some(admin_url) = std::env::var("S2S_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            missing(
+                "PostgreSQL",
+                test,
+                "is not running (S2S_POSTGRES_URL is unset)",
+            )?;
+            return None;
+        };
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "s2s_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        // One at a time: CREATE DATABASE copies template1 and fails while another copy is under way.
+        static CREATING: Mutex<()> = Mutex::new(());
+        let _one = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut admin = Self::connect(&admin_url);
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        }
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .expect("S2S_POSTGRES_URL ends in /<database>");
+        Some(PgDatabase {
+            url: format!("{base}/{name}"),
+            admin_url,
+            name,
+        })
+    }
+
+    /// A plain client of this database: what "another tool" editing it directly would use.
+    pub fn client(&self) -> postgres::Client {
+        Self::connect(&self.url)
+    }
+
+    fn connect(url: &str) -> postgres::Client {
+        // The sync client runs its own runtime: keep it off any async test's thread.
+        let url = url.to_owned();
+        std::thread::spawn(move || postgres::Client::connect(&url, postgres::NoTls))
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("connecting to PostgreSQL: {e}"))
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut admin) = postgres::Client::connect(&url, postgres::NoTls) {
+                let _ =
+                    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        })
+        .join();
+    }
+}
