@@ -208,7 +208,12 @@ impl Registry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let (stored, _) = self.store.load()?;
-        if *self.published.lock().unwrap_or_else(PoisonError::into_inner) == stored {
+        if *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            == stored
+        {
             return Ok(false);
         }
         let snapshot = validate(&self.provisioned(), &stored)?;
@@ -249,7 +254,10 @@ impl Registry {
     }
 
     fn publish(&self, snapshot: RegistrySnapshot, stored: RegistryParts) {
-        *self.published.lock().unwrap_or_else(PoisonError::into_inner) = stored;
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = stored;
         let tenants = entra_tenants(&snapshot);
         let current = self.authorizer.allowlist().load();
         self.authorizer.allowlist().replace(Policy {
@@ -275,7 +283,10 @@ impl Registry {
             .provisioned
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = provisioned;
-        *self.published.lock().unwrap_or_else(PoisonError::into_inner) = stored;
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = stored;
         let tenants = entra_tenants(&snapshot);
         self.authorizer.allowlist().replace(Policy {
             settings,

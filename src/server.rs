@@ -280,7 +280,10 @@ impl Running {
     /// Applies a reloaded configuration's policy (decision settings and provisioned registry) atomically,
     /// merged with the store. Listener addresses and key settings need a restart. A configuration that
     /// conflicts with the store is refused and the current policy keeps serving.
-    pub async fn reload(&self, settings: &Settings) -> Result<(), crate::registry::RegistryOpError> {
+    pub async fn reload(
+        &self,
+        settings: &Settings,
+    ) -> Result<(), crate::registry::RegistryOpError> {
         let registry = self.registry.clone();
         let (provisioned, decision) = (settings.provisioned.clone(), settings.decision.clone());
         tokio::task::spawn_blocking(move || registry.reprovision(provisioned, decision))

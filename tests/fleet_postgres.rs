@@ -204,13 +204,7 @@ fn a_change_through_either_sidecar_reaches_the_other_within_one_second() {
         },
     )
     .unwrap();
-    decision_within(
-        PROPAGATION,
-        a.grpc_addr,
-        &token,
-        "re-enabled",
-        allowed,
-    );
+    decision_within(PROPAGATION, a.grpc_addr, &token, "re-enabled", allowed);
     admin_call(a.admin_addr, move |mut admin| async move {
         admin
             .delete_app_entry(DeleteRequest {
@@ -238,13 +232,7 @@ fn a_change_made_straight_in_the_database_reaches_every_sidecar() {
     let token = a.token(&STRANGER);
     let created = create_entry(a.admin_addr).unwrap();
     for sidecar in [&a, &b] {
-        decision_within(
-            PROPAGATION,
-            sidecar.grpc_addr,
-            &token,
-            "created",
-            allowed,
-        );
+        decision_within(PROPAGATION, sidecar.grpc_addr, &token, "created", allowed);
     }
 
     // Another tool flips `enabled` with SQL: the trigger stamps a new version and notifies.
@@ -350,7 +338,10 @@ fn the_schema_is_versioned_and_a_lost_connection_is_replaced() {
         )
         .unwrap()
         .get(0);
-    assert!(cut >= 4, "each sidecar holds a store and a feed connection; cut {cut}");
+    assert!(
+        cut >= 4,
+        "each sidecar holds a store and a feed connection; cut {cut}"
+    );
     // (Each trusts its own issuer here: A decides on a token from A's issuer, created through B.)
     let token = a.token(&STRANGER);
     create_entry(b.admin_addr).unwrap();

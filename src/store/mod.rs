@@ -71,7 +71,11 @@ pub enum StoreError {
     #[error("registry database (PostgreSQL): {}", postgres_message(.0))]
     Postgres(#[from] ::postgres::Error),
     #[error("stored {kind} `{key}` is unreadable: {message}")]
-    Corrupt { kind: String, key: String, message: String },
+    Corrupt {
+        kind: String,
+        key: String,
+        message: String,
+    },
     #[error("registry database schema version {found} is newer than this build knows ({known})")]
     TooNew { found: usize, known: usize },
     #[error("registry database connection lost")]
@@ -262,9 +266,7 @@ fn assemble(rows: Vec<Row>) -> Result<(RegistryParts, Etags), StoreError> {
             Kind::ApplicationUser => parts
                 .app_users
                 .push(decode::<ApplicationUser>(name, &key, &body)?),
-            Kind::SecurityRole => parts
-                .roles
-                .push(decode::<SecurityRole>(name, &key, &body)?),
+            Kind::SecurityRole => parts.roles.push(decode::<SecurityRole>(name, &key, &body)?),
             Kind::User => parts.users.push(decode::<User>(name, &key, &body)?),
             Kind::Route => parts.routes.push(decode::<Route>(name, &key, &body)?),
         }

@@ -151,10 +151,10 @@ pub(super) fn rows(tx: &rusqlite::Transaction<'_>) -> Result<Vec<Row>, StoreErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::registry::AppEntry;
-    use crate::store::Store;
     use crate::core::ids::TenantId;
+    use crate::core::registry::AppEntry;
     use crate::core::registry::AppEntryKind;
+    use crate::store::Store;
 
     fn entry(name: &str) -> AppEntry {
         AppEntry {
