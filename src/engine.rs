@@ -10,6 +10,7 @@ use crate::core::registry::RegistrySnapshot;
 use crate::core::token::MAX_TOKEN_BYTES;
 use crate::core::trust::TrustSnapshot;
 use crate::core::{Decision, DecisionSettings, Trace, TraceStep};
+use crate::core::{Denied, VerifiedToken};
 use crate::directory::IssuerDirectory;
 use crate::metrics::Metrics;
 use crate::token_cache::{self, CachedToken, Revalidation, TokenCache, TokenDigest};
@@ -125,30 +126,19 @@ impl Authorizer {
         explain: bool,
         trace: &mut Trace,
     ) -> Decision {
+        // `Explain` always takes the full path, so that its trace shows every check actually made.
+        if !explain && let Some(digest) = digest {
+            // A borrowed snapshot (`ArcSwap::load`): the hot path takes no reference on the shared
+            // `Arc<Policy>`, whose counter would otherwise bounce between the cores on every call.
+            let policy = self.allowlist.current.load();
+            let trust = self.directory.trust();
+            if let Some(decision) = self.decide_cached(digest, request, &policy, &trust) {
+                return decision;
+            }
+        }
         let policy = self.allowlist.load();
         let trust = self.directory.trust();
-        // `Explain` always takes the full path, so that its trace shows every check actually made.
-        if !explain
-            && let Some(digest) = digest
-            && let Some(decision) = self.decide_cached(digest, request, &policy, &trust)
-        {
-            return decision;
-        }
-        let pre = match decision::precheck(request, &policy.settings, &trust, trace) {
-            Ok(pre) => pre,
-            Err(denied) => return Decision::Deny(denied),
-        };
-        let alg = pre.alg;
-        let loaded = self
-            .directory
-            .jwks()
-            .lookup(&pre.issuer.jwks_uri, pre.kid())
-            .await;
-        let keys = match &loaded {
-            Some(k) => KeyLookup::Loaded(&k.set),
-            None => KeyLookup::Unavailable,
-        };
-        let verified = match decision::verify(pre, keys, trace) {
+        let verified = match self.verify(request, &policy, &trust, trace).await {
             Ok(v) => v,
             Err(denied) => return Decision::Deny(denied),
         };
@@ -162,14 +152,49 @@ impl Authorizer {
             trace,
         );
         // Cache the verification (never a failure): what `verify` returned, with the key it used.
-        if let (Some(digest), Some(loaded)) = (digest, &loaded)
-            && let Some(key) = loaded.set.find(verified.kid.as_deref())
-        {
-            let entry = CachedToken::new(verified, alg, key.clone());
-            self.tokens
-                .insert(*digest, entry, now, policy.settings.clock_skew_secs);
+        if let Some(digest) = digest {
+            self.tokens.insert(
+                *digest,
+                CachedToken::new(verified),
+                now,
+                policy.settings.clock_skew_secs,
+            );
         }
         decision
+    }
+
+    /// `precheck` and `verify`: the token's syntax, issuer, key and signature, with a key lookup that
+    /// may wait for a refresh.
+    async fn verify(
+        &self,
+        request: &Request<'_>,
+        policy: &Policy,
+        trust: &TrustSnapshot,
+        trace: &mut Trace,
+    ) -> Result<VerifiedToken, Box<Denied>> {
+        let pre = decision::precheck(request, &policy.settings, trust, trace)?;
+        let loaded = self
+            .directory
+            .jwks()
+            .lookup(&pre.issuer.jwks_uri, pre.kid())
+            .await;
+        let keys = match &loaded {
+            Some(k) => KeyLookup::Loaded(&k.set),
+            None => KeyLookup::Unavailable,
+        };
+        decision::verify(pre, keys, trace)
+    }
+
+    /// Verifies a token as a decision would, up to and including its lifetime and audience, without
+    /// the allowlist: for admin calls, which are authorised by an app role instead. Never cached, and
+    /// not counted as a decision.
+    pub async fn authenticate(&self, request: &Request<'_>) -> Result<VerifiedToken, Box<Denied>> {
+        let policy = self.allowlist.load();
+        let trust = self.directory.trust();
+        let mut trace = Trace::disabled();
+        let verified = self.verify(request, &policy, &trust, &mut trace).await?;
+        decision::authenticate(&verified, &policy.settings, unix_now(), &mut trace)?;
+        Ok(verified)
     }
 
     /// The decision from a cached verification, or `None` to take the full path.
@@ -226,16 +251,28 @@ pub fn unix_now() -> i64 {
 /// A short, non-reversible token fingerprint for correlating log lines: SHA-256, first 8 bytes, hex.
 pub fn token_hash(token: &str) -> String {
     short_hash(&token_cache::digest(decision::bearer_token(token)))
+        .as_str()
+        .to_owned()
 }
 
-fn short_hash(digest: &TokenDigest) -> String {
-    use std::fmt::Write as _;
-    digest[..8]
-        .iter()
-        .fold(String::with_capacity(16), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+/// The first 8 bytes of a digest in lower-case hex, on the stack: the audit line runs on every decision.
+struct ShortHash([u8; 16]);
+
+impl ShortHash {
+    fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+fn short_hash(digest: &TokenDigest) -> ShortHash {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, b) in digest[..8].iter().enumerate() {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 0x0f)];
+    }
+    ShortHash(out)
 }
 
 fn audit_enabled() -> bool {
@@ -255,30 +292,49 @@ fn audit(
     let micros = started.elapsed().as_micros() as u64;
     let hash = match digest {
         Some(d) => short_hash(d),
-        None => token_hash(request.token),
+        None => short_hash(&token_cache::digest(decision::bearer_token(request.token))),
     };
+    let token_hash = hash.as_str();
     match decision {
         Decision::Allow(a) => tracing::info!(
             target: "s2s_authz::audit",
             decision = "allow",
-            token_hash = %hash,
-            tenant = %a.caller.tenant_id,
+            token_hash = %token_hash,
+            tenant = %a.caller.tenant_id.as_str(),
             client_app_id = a.caller.client_app_id.as_ref().map(|c| c.as_str()).unwrap_or(""),
-            application_user = %a.application_user_name,
-            role = %a.security_role,
+            application_user = %a.application_user_name.as_str(),
+            role = %a.security_role.as_str(),
             micros,
             "decision"
         ),
         Decision::Deny(d) => tracing::info!(
             target: "s2s_authz::audit",
             decision = "deny",
-            token_hash = %hash,
+            token_hash = %token_hash,
             reason = d.reason.as_str(),
             tenant = d.caller.as_ref().map(|c| c.tenant_id.as_str()).unwrap_or(""),
             client_app_id = d.caller.as_ref().and_then(|c| c.client_app_id.as_ref()).map(|c| c.as_str()).unwrap_or(""),
-            detail = %d.message,
+            detail = %d.message.as_str(),
             micros,
             "decision"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_hash_is_the_first_eight_bytes_in_hex() {
+        let mut digest = [0u8; 32];
+        digest[..8].copy_from_slice(&[0x00, 0x01, 0x7f, 0x80, 0xab, 0xcd, 0xef, 0xff]);
+        digest[8] = 0x12;
+        assert_eq!(short_hash(&digest).as_str(), "00017f80abcdefff");
+        let expected: String = token_cache::digest("abc")[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(token_hash("Bearer abc"), expected);
     }
 }

@@ -11,15 +11,19 @@
 //!   the same key material, in the issuer's current usable key set, and the issuer is still trusted:
 //!   `CachedToken::revalidate` checks this on every hit, so a key removed from the JWKS evicts what it
 //!   verified at the next use after the key cache refreshes.
+//! - Small: an entry is the core's compact `VerifiedToken` (lifetime inline; issuer, key and the
+//!   application's claims behind shared `Arc`s), and the application's claims are interned, so the
+//!   tokens of one application share one copy. About 0.2 KB per entry, where the full claims took 4.6 KB.
 
 use crate::core::DecisionSettings;
+use crate::core::claims::AppClaims;
 use crate::core::decision::VerifiedToken;
 use crate::core::keys::{KeySet, VerifyingKey};
 use crate::core::trust::TrustSnapshot;
-use jsonwebtoken::Algorithm;
 use jsonwebtoken::DecodingKeyKind;
 use quick_cache::sync::Cache;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 /// SHA-256 of a token (without its `Bearer ` prefix): the cache key, and the source of the audit log's
 /// short token hash.
@@ -33,15 +37,10 @@ pub fn digest(token: &str) -> TokenDigest {
     out
 }
 
-/// One verified token and what it was verified with.
+/// One verified token: its compact claims, its issuer, and the algorithm and key that verified it.
 #[derive(Debug)]
 pub struct CachedToken {
     pub verified: VerifiedToken,
-    /// The token's `alg`, checked again against the algorithms allowed now.
-    pub alg: Algorithm,
-    /// The key that verified the signature. Kept to compare with the key published now under the
-    /// same `kid`: a JWKS that drops the key, or reuses the `kid` for another key, invalidates the entry.
-    key: Arc<VerifyingKey>,
 }
 
 /// What a cache hit may be used for right now.
@@ -58,8 +57,8 @@ pub enum Revalidation {
 }
 
 impl CachedToken {
-    pub fn new(verified: VerifiedToken, alg: Algorithm, key: Arc<VerifyingKey>) -> Self {
-        CachedToken { verified, alg, key }
+    pub fn new(verified: VerifiedToken) -> Self {
+        CachedToken { verified }
     }
 
     /// Whether this entry may replace `precheck`'s token checks and `verify` now, given the current
@@ -71,7 +70,8 @@ impl CachedToken {
         keys: Option<&KeySet>,
         settings: &DecisionSettings,
     ) -> Revalidation {
-        let cached = &self.verified.issuer;
+        let verified = &self.verified;
+        let cached = &verified.issuer;
         let Some(issuer) = trust.issuer(&cached.issuer) else {
             return Revalidation::Stale;
         };
@@ -79,16 +79,17 @@ impl CachedToken {
         if !Arc::ptr_eq(issuer, cached) && **issuer != **cached {
             return Revalidation::Stale;
         }
-        if !crate::core::decision::algorithm_allowed(settings, &issuer.profile, self.alg) {
+        if !crate::core::decision::algorithm_allowed(settings, &issuer.profile, verified.alg) {
             return Revalidation::Bypass;
         }
         let Some(keys) = keys else {
             return Revalidation::Stale;
         };
-        match keys.find(self.verified.kid.as_deref()) {
+        // The key that verified the token was found under the token's `kid`, so its `kid` is the token's.
+        match keys.find(verified.kid()) {
             Some(key)
-                if (Arc::ptr_eq(key, &self.key) || same_key(key, &self.key))
-                    && key.accepts(self.alg) =>
+                if (Arc::ptr_eq(key, &verified.key) || same_key(key, &verified.key))
+                    && key.accepts(verified.alg) =>
             {
                 Revalidation::Valid
             }
@@ -119,11 +120,49 @@ fn same_key(a: &VerifyingKey, b: &VerifyingKey) -> bool {
     }
 }
 
+/// How many distinct `AppClaims` the interner keeps at most. Far more applications than one service
+/// talks to; past it, those no cached token uses any more are dropped (and, if that is not enough,
+/// all: sharing is an optimisation, never needed for correctness).
+const MAX_INTERNED_APPS: usize = 4096;
+
+/// Shares one `AppClaims` between the cached tokens of one application: every token an issuer mints for
+/// an application carries the same identity, roles and audience, and a cache full of one busy caller's
+/// tokens should not hold a copy of them per token. Only touched when an entry is inserted.
+#[derive(Debug, Default)]
+struct AppInterner {
+    apps: Mutex<HashSet<Arc<AppClaims>>>,
+}
+
+impl AppInterner {
+    fn intern(&self, app: Arc<AppClaims>) -> Arc<AppClaims> {
+        // A poisoned lock only means another insert panicked; not sharing is still correct.
+        let Ok(mut apps) = self.apps.lock() else {
+            return app;
+        };
+        if let Some(shared) = apps.get(&*app) {
+            return shared.clone();
+        }
+        if apps.len() >= MAX_INTERNED_APPS {
+            apps.retain(|a| Arc::strong_count(a) > 1);
+            if apps.len() >= MAX_INTERNED_APPS {
+                apps.clear();
+            }
+        }
+        apps.insert(app.clone());
+        app
+    }
+
+    fn len(&self) -> usize {
+        self.apps.lock().map_or(0, |apps| apps.len())
+    }
+}
+
 /// The bounded cache of verified tokens, shared by every request. Lookups take one shard's read lock;
 /// there is no global lock.
 pub struct TokenCache {
     /// `None` when disabled (`token_cache_entries: 0`).
     entries: Option<Cache<TokenDigest, Arc<CachedToken>>>,
+    apps: AppInterner,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -131,6 +170,7 @@ impl std::fmt::Debug for TokenCache {
         f.debug_struct("TokenCache")
             .field("entries", &self.len())
             .field("capacity", &self.capacity())
+            .field("shared_app_claims", &self.apps.len())
             .finish()
     }
 }
@@ -140,6 +180,7 @@ impl TokenCache {
     pub fn new(max_entries: usize) -> Self {
         TokenCache {
             entries: (max_entries > 0).then(|| Cache::new(max_entries)),
+            apps: AppInterner::default(),
         }
     }
 
@@ -163,7 +204,7 @@ impl TokenCache {
     pub fn insert(
         &self,
         digest: TokenDigest,
-        entry: CachedToken,
+        mut entry: CachedToken,
         now: i64,
         skew_secs: i64,
     ) -> bool {
@@ -173,6 +214,8 @@ impl TokenCache {
         if now > entry.served_until(skew_secs) {
             return false;
         }
+        let claims = &mut entry.verified.claims;
+        claims.app = self.apps.intern(claims.app.clone());
         entries.insert(digest, Arc::new(entry));
         true
     }
@@ -210,6 +253,7 @@ mod tests {
     use aws_lc_rs::signature::RSA_PKCS1_SHA256;
     use base64::Engine as _;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::Algorithm;
     use serde_json::json;
     use std::collections::{HashMap, HashSet};
     use std::sync::OnceLock;
@@ -304,8 +348,8 @@ mod tests {
         let pre = decision::precheck(&request, &settings(), trust, &mut trace).unwrap();
         let alg = pre.alg;
         let v = decision::verify(pre, KeyLookup::Loaded(keys), &mut trace).unwrap();
-        let key = keys.find(v.kid.as_deref()).unwrap().clone();
-        CachedToken::new(v, alg, key)
+        assert_eq!(v.alg, alg);
+        CachedToken::new(v)
     }
 
     #[test]
@@ -314,11 +358,7 @@ mod tests {
         let template = verified(&sign("k1", 0, NOW + 3600), &keys, &trust);
         let cache = TokenCache::new(1000);
         for i in 0u32..10_000 {
-            let entry = CachedToken::new(
-                template.verified.clone(),
-                template.alg,
-                template.key.clone(),
-            );
+            let entry = CachedToken::new(template.verified.clone());
             assert!(cache.insert(digest(&format!("token-{i}")), entry, NOW, SKEW));
             assert!(cache.len() <= 1000, "{} entries after {i}", cache.len());
         }
@@ -329,13 +369,7 @@ mod tests {
     fn hot_tokens_survive_a_flood_of_unique_ones() {
         let (keys, trust) = (jwks(&[("k1", 0)]), trust());
         let template = verified(&sign("k1", 0, NOW + 3600), &keys, &trust);
-        let entry = || {
-            CachedToken::new(
-                template.verified.clone(),
-                template.alg,
-                template.key.clone(),
-            )
-        };
+        let entry = || CachedToken::new(template.verified.clone());
         let cache = TokenCache::new(1000);
         let hot: Vec<TokenDigest> = (0..50).map(|i| digest(&format!("hot-{i}"))).collect();
         for d in &hot {
@@ -450,5 +484,62 @@ mod tests {
         cache.insert(d, verified(&token, &keys, &trust), NOW, SKEW);
         cache.remove(&d, &old);
         assert!(cache.get(&d, NOW, SKEW).is_some());
+    }
+
+    #[test]
+    fn tokens_of_one_application_share_their_app_claims() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let cache = TokenCache::new(10);
+        let (a, b) = (sign("k1", 0, NOW + 3600), sign("k1", 0, NOW + 3601));
+        let (entry_a, entry_b) = (verified(&a, &keys, &trust), verified(&b, &keys, &trust));
+        // Verified separately: equal, but two copies.
+        assert_eq!(entry_a.verified.claims.app, entry_b.verified.claims.app);
+        assert!(!Arc::ptr_eq(
+            &entry_a.verified.claims.app,
+            &entry_b.verified.claims.app
+        ));
+        assert!(cache.insert(digest(&a), entry_a, NOW, SKEW));
+        assert!(cache.insert(digest(&b), entry_b, NOW, SKEW));
+        let (hit_a, hit_b) = (
+            cache.get(&digest(&a), NOW, SKEW).unwrap(),
+            cache.get(&digest(&b), NOW, SKEW).unwrap(),
+        );
+        assert!(Arc::ptr_eq(
+            &hit_a.verified.claims.app,
+            &hit_b.verified.claims.app
+        ));
+        // What differs per token stays per token.
+        assert_eq!(hit_a.verified.claims.exp, NOW + 3600);
+        assert_eq!(hit_b.verified.claims.exp, NOW + 3601);
+        assert_eq!(cache.apps.len(), 1);
+    }
+
+    #[test]
+    fn the_interner_stays_bounded() {
+        let (keys, trust) = (jwks(&[("k1", 0)]), trust());
+        let template = verified(&sign("k1", 0, NOW + 3600), &keys, &trust);
+        let interner = AppInterner::default();
+        let mut kept = Vec::new();
+        for i in 0..(MAX_INTERNED_APPS * 2 + 10) {
+            let mut app = (*template.verified.claims.app).clone();
+            app.roles = vec![format!("role-{i}").into_boxed_str()].into_boxed_slice();
+            let shared = interner.intern(Arc::new(app.clone()));
+            assert_eq!(*shared, app);
+            // Every other one stays in use, as if a cached token held it.
+            if i % 2 == 0 {
+                kept.push(shared);
+            }
+            assert!(interner.len() <= MAX_INTERNED_APPS);
+        }
+    }
+
+    #[test]
+    fn a_cache_entry_is_small() {
+        // The compact entry itself; what it points to is shared (issuer, key, interned app claims).
+        assert!(
+            std::mem::size_of::<CachedToken>() <= 64,
+            "{} bytes",
+            std::mem::size_of::<CachedToken>()
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! impersonation — evaluated afresh on every request so registry changes apply at once).
 //! A decision cannot fail: every problem is a `Denied` with a reason.
 
+use super::claims::{AppClaims, AppOnlyEvidence, VerifiedClaims};
 use super::ids::{ClientAppId, ObjectId, TenantId};
 use super::keys::{KeySet, VerifyingKey};
 use super::reason::DenyReason;
@@ -279,13 +280,36 @@ impl Prechecked<'_> {
 
 /// A token whose signature checked out: what a verified-token cache may keep. Time, audience and
 /// allowlist are not part of it; they are checked on every use.
+///
+/// Compact on purpose (see `claims`): the claims `authorize` reads, the issuer, and the algorithm and key
+/// that verified the signature, so that a cache can tell when the key has left the issuer's JWKS.
 #[derive(Clone, Debug)]
 pub struct VerifiedToken {
-    pub claims: Claims,
+    pub claims: VerifiedClaims,
     pub issuer: Arc<TrustedIssuer>,
-    pub caller: Caller,
-    pub roles: Vec<String>,
-    pub kid: Option<String>,
+    /// The token's `alg`.
+    pub alg: Algorithm,
+    /// The key that verified the signature; its `kid` is the token's.
+    pub key: Arc<VerifyingKey>,
+}
+
+impl VerifiedToken {
+    /// The token's `kid` (the verifying key's: `KeySet::find` only matches equal ones).
+    pub fn kid(&self) -> Option<&str> {
+        self.key.kid.as_deref()
+    }
+
+    /// The verified identity of the caller, as reported in decisions.
+    pub fn caller(&self) -> Caller {
+        let app = &self.claims.app;
+        Caller {
+            tenant_id: self.issuer.tenant.clone(),
+            client_app_id: app.client_app_id.clone(),
+            object_id: app.object_id.clone(),
+            token_version: app.token_version.as_deref().map(str::to_owned),
+            expires_at: self.claims.exp,
+        }
+    }
 }
 
 /// Strips an optional, case-insensitive `Bearer ` scheme and surrounding whitespace.
@@ -506,7 +530,7 @@ pub fn verify(
         }
         KeyLookup::Loaded(set) => set,
     };
-    let key: &VerifyingKey = match set.find(pre.kid()) {
+    let key: &Arc<VerifyingKey> = match set.find(pre.kid()) {
         Some(k) => k,
         None => {
             return fail(
@@ -547,8 +571,9 @@ pub fn verify(
     }
     trace.pass(Check::Signature, String::new);
 
-    let (caller, roles) = match identify(&pre.token.claims, &pre.issuer) {
-        Ok(found) => found,
+    let claims = &pre.token.claims;
+    let app = match identify(claims, &pre.issuer) {
+        Ok(app) => app,
         Err(e) => {
             return fail(
                 trace,
@@ -558,18 +583,19 @@ pub fn verify(
         }
     };
     Ok(VerifiedToken {
-        kid: pre.token.header.kid,
-        claims: pre.token.claims,
+        claims: VerifiedClaims {
+            exp: claims.exp,
+            nbf: claims.nbf,
+            app: Arc::new(app),
+        },
+        alg: pre.alg,
+        key: key.clone(),
         issuer: pre.issuer,
-        caller,
-        roles,
     })
 }
 
-fn identify(
-    claims: &Claims,
-    issuer: &TrustedIssuer,
-) -> Result<(Caller, Vec<String>), token::SyntaxError> {
+/// Reduces signed claims to what the decision reads about the calling application.
+fn identify(claims: &Claims, issuer: &TrustedIssuer) -> Result<AppClaims, token::SyntaxError> {
     let (app, oid, roles) = match &issuer.profile {
         IssuerProfile::Entra => {
             // v1 tokens name the caller in `appid`, v2 in `azp`; tokens without `ver` get whichever is there.
@@ -578,22 +604,88 @@ fn identify(
                 Some("2.0") => claims.azp.as_deref(),
                 _ => claims.appid.as_deref().or(claims.azp.as_deref()),
             };
-            (app, claims.oid.as_deref(), claims.roles.clone())
+            (app, claims.oid.as_deref(), boxed(&claims.roles))
         }
         IssuerProfile::Oidc(p) => (
             claims.custom_str(&p.app_id_claim)?,
             claims.custom_str(&p.object_id_claim)?,
-            claims.custom_roles(&p.roles_claim)?,
+            boxed(&claims.custom_roles(&p.roles_claim)?),
         ),
     };
-    let caller = Caller {
-        tenant_id: issuer.tenant.clone(),
-        client_app_id: app.map(ClientAppId::new),
-        object_id: oid.map(ObjectId::new),
-        token_version: claims.ver.clone(),
-        expires_at: claims.exp,
+    let client_app_id = app.map(ClientAppId::new);
+    let app_only = AppOnlyEvidence {
+        idtyp_is_app: claims.idtyp.as_deref().map(|t| t == "app"),
+        has_scp: claims.scp.is_some(),
+        oid_is_sub: matches!((&claims.oid, &claims.sub), (Some(oid), Some(sub)) if oid == sub),
+        sub_is_client_app_id: match (claims.sub.as_deref(), &client_app_id) {
+            (Some(sub), Some(app)) => ClientAppId::new(sub) == *app,
+            _ => false,
+        },
     };
-    Ok((caller, roles))
+    Ok(AppClaims {
+        client_app_id,
+        object_id: oid.map(ObjectId::new),
+        token_version: claims.ver.as_deref().map(Box::from),
+        audiences: boxed(&claims.aud),
+        roles,
+        app_only,
+    })
+}
+
+fn boxed(strings: &[String]) -> Box<[Box<str>]> {
+    strings.iter().map(|s| Box::from(s.as_str())).collect()
+}
+
+/// The checks of a verified token that depend on the clock and the configuration but not on the
+/// registry: lifetime (with skew) and audience. `authorize` starts with them; the admin port admits a
+/// token that passes them (and holds the admin role) without consulting the allowlist.
+pub fn authenticate(
+    verified: &VerifiedToken,
+    settings: &DecisionSettings,
+    now: i64,
+    trace: &mut Trace,
+) -> Result<(), Box<Denied>> {
+    let deny = |trace: &mut Trace, check, reason, message: String| {
+        let denied = Denied::new(reason, message).with_caller(&verified.caller());
+        trace.fail(check, &denied);
+        Box::new(denied)
+    };
+    let claims = &verified.claims;
+    let skew = settings.clock_skew_secs;
+    if now > claims.exp.saturating_add(skew) {
+        return Err(deny(
+            trace,
+            Check::Lifetime,
+            DenyReason::TokenExpired,
+            format!("token expired {} s ago", now - claims.exp),
+        ));
+    }
+    if let Some(nbf) = claims.nbf
+        && now.saturating_add(skew) < nbf
+    {
+        return Err(deny(
+            trace,
+            Check::Lifetime,
+            DenyReason::TokenNotYetValid,
+            format!("token is valid only in {} s", nbf - now),
+        ));
+    }
+    trace.pass(Check::Lifetime, || format!("expires at {}", claims.exp));
+
+    let audiences = match &verified.issuer.profile {
+        IssuerProfile::Oidc(p) if !p.audiences.is_empty() => &p.audiences,
+        _ => &settings.audiences,
+    };
+    if !claims.app.audiences.iter().any(|a| audiences.accepts(a)) {
+        return Err(deny(
+            trace,
+            Check::Audience,
+            DenyReason::AudienceMismatch,
+            "token is not for this service's audience".to_owned(),
+        ));
+    }
+    trace.pass(Check::Audience, String::new);
+    Ok(())
 }
 
 /// Stage 3: everything that depends on the clock, the configuration and the registry.
@@ -605,53 +697,23 @@ pub fn authorize(
     now: i64,
     trace: &mut Trace,
 ) -> Decision {
-    let caller = &verified.caller;
+    if let Err(denied) = authenticate(verified, settings, now, trace) {
+        return Decision::Deny(denied);
+    }
+    let caller = verified.caller();
     let deny = |trace: &mut Trace, check, reason, message: String| {
-        let denied = Denied::new(reason, message).with_caller(caller);
+        let denied = Denied::new(reason, message).with_caller(&caller);
         trace.fail(check, &denied);
         Decision::Deny(Box::new(denied))
     };
     let claims = &verified.claims;
-    let skew = settings.clock_skew_secs;
-    if now > claims.exp.saturating_add(skew) {
-        return deny(
-            trace,
-            Check::Lifetime,
-            DenyReason::TokenExpired,
-            format!("token expired {} s ago", now - claims.exp),
-        );
-    }
-    if let Some(nbf) = claims.nbf
-        && now.saturating_add(skew) < nbf
-    {
-        return deny(
-            trace,
-            Check::Lifetime,
-            DenyReason::TokenNotYetValid,
-            format!("token is valid only in {} s", nbf - now),
-        );
-    }
-    trace.pass(Check::Lifetime, || format!("expires at {}", claims.exp));
-
-    let audiences = match &verified.issuer.profile {
-        IssuerProfile::Oidc(p) if !p.audiences.is_empty() => &p.audiences,
-        _ => &settings.audiences,
-    };
-    if !claims.aud.iter().any(|a| audiences.accepts(a)) {
-        return deny(
-            trace,
-            Check::Audience,
-            DenyReason::AudienceMismatch,
-            "token is not for this service's audience".to_owned(),
-        );
-    }
-    trace.pass(Check::Audience, String::new);
+    let app = &*claims.app;
 
     let rule = match &verified.issuer.profile {
         IssuerProfile::Entra => AppOnlyRule::Entra,
         IssuerProfile::Oidc(p) => p.app_only,
     };
-    if let Err(why) = app_only(claims, caller, rule) {
+    if let Err(why) = app_only(&app.app_only, rule) {
         return deny(
             trace,
             Check::AppOnly,
@@ -688,7 +750,7 @@ pub fn authorize(
     trace.pass(Check::Enabled, String::new);
 
     match &entry.required_role {
-        Some(role) if !verified.roles.iter().any(|r| r == role) => {
+        Some(role) if !app.has_role(role) => {
             return deny(
                 trace,
                 Check::Role,
@@ -809,7 +871,7 @@ pub fn authorize(
     };
 
     Decision::Allow(Box::new(Allowed {
-        caller: caller.clone(),
+        caller,
         application_user_id: app_user.id.clone(),
         application_user_name: app_user.name.clone(),
         entry_name: entry.name.clone(),
@@ -818,30 +880,33 @@ pub fn authorize(
     }))
 }
 
-fn app_only(claims: &Claims, caller: &Caller, rule: AppOnlyRule) -> Result<(), &'static str> {
+fn app_only(evidence: &AppOnlyEvidence, rule: AppOnlyRule) -> Result<(), &'static str> {
     match rule {
         AppOnlyRule::Any => Ok(()),
         AppOnlyRule::Entra => {
             // `idtyp`, when present, alone decides.
-            if let Some(idtyp) = claims.idtyp.as_deref() {
-                return if idtyp == "app" {
+            if let Some(is_app) = evidence.idtyp_is_app {
+                return if is_app {
                     Ok(())
                 } else {
                     Err("`idtyp` is not `app`")
                 };
             }
-            if claims.scp.is_some() {
+            if evidence.has_scp {
                 return Err("token carries delegated scopes (`scp`)");
             }
-            match (claims.oid.as_deref(), claims.sub.as_deref()) {
-                (Some(oid), Some(sub)) if oid == sub => Ok(()),
-                _ => Err("`oid` and `sub` differ: not an application token"),
+            if evidence.oid_is_sub {
+                Ok(())
+            } else {
+                Err("`oid` and `sub` differ: not an application token")
             }
         }
-        AppOnlyRule::SubEqualsAppId => match (claims.sub.as_deref(), caller.client_app_id.as_ref())
-        {
-            (Some(sub), Some(app)) if ClientAppId::new(sub) == *app => Ok(()),
-            _ => Err("`sub` is not the application id: not an application token"),
-        },
+        AppOnlyRule::SubEqualsAppId => {
+            if evidence.sub_is_client_app_id {
+                Ok(())
+            } else {
+                Err("`sub` is not the application id: not an application token")
+            }
+        }
     }
 }
