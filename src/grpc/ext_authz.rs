@@ -62,13 +62,13 @@ impl pb::authorization_server::Authorization for ExtAuthz {
         &self,
         request: tonic::Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        let http = request
+        let mut http = request
             .into_inner()
             .attributes
             .and_then(|a| a.request)
             .and_then(|r| r.http)
             .unwrap_or_default();
-        let headers = request_headers(&http);
+        let headers = request_headers(&mut http);
         let token = bearer(headers.get("authorization").map(String::as_str));
         let core_request = Request {
             token,
@@ -85,9 +85,10 @@ impl pb::authorization_server::Authorization for ExtAuthz {
 }
 
 /// Envoy sends `headers` normally and `header_map` when configured to send raw bytes; accept either.
-fn request_headers(http: &pb::attribute_context::HttpRequest) -> HashMap<String, String> {
+/// The request is ours, so its header map is moved out, never copied.
+fn request_headers(http: &mut pb::attribute_context::HttpRequest) -> HashMap<String, String> {
     if !http.headers.is_empty() {
-        return super::lower_case_keys(http.headers.clone());
+        return super::lower_case_keys(std::mem::take(&mut http.headers));
     }
     let mut headers = HashMap::new();
     if let Some(map) = &http.header_map {
@@ -138,67 +139,59 @@ fn string_value(s: &str) -> prost_types::Value {
     }
 }
 
+/// The identity an allowed request carries: each header with its `dynamic_metadata` field name (the
+/// header's name without `x-s2s-`, in snake case), in the order of `CONTRACT_HEADERS`.
+const IDENTITY: [(&str, &str); 7] = [
+    (HEADER_CLIENT_APP_ID, "client_app_id"),
+    (HEADER_TENANT_ID, "tenant_id"),
+    (HEADER_OBJECT_ID, "object_id"),
+    (HEADER_APPLICATION_USER_ID, "application_user_id"),
+    (HEADER_APPLICATION_USER_NAME, "application_user_name"),
+    (HEADER_SECURITY_ROLE, "security_role"),
+    (HEADER_EFFECTIVE_USER, "effective_user"),
+];
+
+/// The response to Envoy. Built straight into the protobuf types, from borrowed values: on the hot path
+/// every allocation here is one Envoy needs in the message.
 pub fn check_response(
     decision: &Decision,
     request_headers: &HashMap<String, String>,
 ) -> pb::CheckResponse {
     match decision {
         Decision::Allow(a) => {
-            let mut set: Vec<(&str, String)> = vec![
-                (
-                    HEADER_CLIENT_APP_ID,
-                    a.caller
-                        .client_app_id
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
-                ),
-                (HEADER_TENANT_ID, a.caller.tenant_id.to_string()),
-                (
-                    HEADER_OBJECT_ID,
-                    a.caller
-                        .object_id
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
-                ),
-                (HEADER_APPLICATION_USER_ID, a.application_user_id.clone()),
-                (
-                    HEADER_APPLICATION_USER_NAME,
-                    a.application_user_name.clone(),
-                ),
-                (HEADER_SECURITY_ROLE, a.security_role.clone()),
+            let values: [Option<&str>; 7] = [
+                a.caller.client_app_id.as_ref().map(|c| c.as_str()),
+                Some(a.caller.tenant_id.as_str()),
+                a.caller.object_id.as_ref().map(|o| o.as_str()),
+                Some(&a.application_user_id),
+                Some(&a.application_user_name),
+                Some(&a.security_role),
+                a.effective_user.as_ref().map(|u| u.as_str()),
             ];
-            if let Some(user) = &a.effective_user {
-                set.push((HEADER_EFFECTIVE_USER, user.to_string()));
+            let mut headers = Vec::with_capacity(IDENTITY.len());
+            let mut fields = std::collections::BTreeMap::new();
+            // Every contract header not set here is removed, whatever the caller sent.
+            let mut headers_to_remove = Vec::with_capacity(2);
+            for ((name, field), value) in IDENTITY.iter().zip(values) {
+                // An empty value (e.g. no `oid`) is not set, so it is removed like any other unset header.
+                match value.filter(|v| !v.is_empty()) {
+                    Some(v) => {
+                        headers.push(header(name, v));
+                        fields.insert((*field).to_owned(), string_value(v));
+                    }
+                    None => headers_to_remove.push((*name).to_owned()),
+                }
             }
-            // An empty value (e.g. no `oid`) is not set, so it is removed like any other unset header.
-            set.retain(|(_, v)| !v.is_empty());
-            let is_set = |name: &str| set.iter().any(|(k, _)| *k == name);
-            let mut headers_to_remove: Vec<String> = CONTRACT_HEADERS
-                .iter()
-                .filter(|h| !is_set(h))
-                .map(|h| (*h).to_owned())
-                .collect();
+            headers_to_remove.push(HEADER_DENY_REASON.to_owned());
+            // And so is any other `x-s2s-*` header the caller made up, in a stable order.
             let mut spoofed: Vec<&String> = request_headers
                 .keys()
-                .filter(|k| {
-                    k.starts_with("x-s2s-") && !is_set(k) && !CONTRACT_HEADERS.contains(&k.as_str())
-                })
+                .filter(|k| k.starts_with("x-s2s-") && !CONTRACT_HEADERS.contains(&k.as_str()))
                 .collect();
-            spoofed.sort();
-            headers_to_remove.extend(spoofed.into_iter().cloned());
-            let metadata = prost_types::Struct {
-                fields: set
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.trim_start_matches("x-s2s-").replace('-', "_"),
-                            string_value(v),
-                        )
-                    })
-                    .collect(),
-            };
+            if !spoofed.is_empty() {
+                spoofed.sort();
+                headers_to_remove.extend(spoofed.into_iter().cloned());
+            }
             pb::CheckResponse {
                 status: Some(rpc::Status {
                     code: CODE_OK,
@@ -207,34 +200,35 @@ pub fn check_response(
                 }),
                 http_response: Some(pb::check_response::HttpResponse::OkResponse(
                     pb::OkHttpResponse {
-                        headers: set.iter().map(|(k, v)| header(k, v)).collect(),
+                        headers,
                         headers_to_remove,
                         ..pb::OkHttpResponse::default()
                     },
                 )),
-                dynamic_metadata: Some(metadata),
+                dynamic_metadata: Some(prost_types::Struct { fields }),
             }
         }
         Decision::Deny(d) => {
+            let reason = d.reason.as_str();
             let (http, code, error, challenge) = deny_shape(d.reason);
-            let mut headers = vec![
-                header(HEADER_DENY_REASON, d.reason.as_str()),
-                header("content-type", "application/json"),
-            ];
+            let mut headers = Vec::with_capacity(3);
+            headers.push(header(HEADER_DENY_REASON, reason));
+            headers.push(header("content-type", "application/json"));
             if let Some(challenge) = challenge {
                 headers.push(header("www-authenticate", challenge));
             }
-            let body =
-                serde_json::json!({ "error": error, "reason": d.reason.as_str() }).to_string();
+            // Both values are fixed ASCII identifiers (`error` from `deny_shape`, `reason` an enum name):
+            // nothing to escape, so no JSON serializer is needed.
+            let body = format!(r#"{{"error":"{error}","reason":"{reason}"}}"#);
             let metadata = prost_types::Struct {
-                fields: [("deny_reason".to_owned(), string_value(d.reason.as_str()))]
+                fields: [("deny_reason".to_owned(), string_value(reason))]
                     .into_iter()
                     .collect(),
             };
             pb::CheckResponse {
                 status: Some(rpc::Status {
                     code,
-                    message: d.reason.as_str().to_owned(),
+                    message: reason.to_owned(),
                     details: Vec::new(),
                 }),
                 http_response: Some(pb::check_response::HttpResponse::DeniedResponse(
@@ -339,6 +333,174 @@ mod tests {
             }
             let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
             assert_eq!(body["reason"], reason.as_str());
+            // Byte for byte what a JSON serializer writes for the same object.
+            let (_, _, error, _) = deny_shape(reason);
+            assert_eq!(
+                denied.body,
+                serde_json::json!({ "error": error, "reason": reason.as_str() }).to_string()
+            );
         }
+    }
+
+    fn allowed(object_id: Option<&str>, effective_user: Option<&str>) -> Decision {
+        use crate::core::ids::{ClientAppId, ObjectId, TenantId};
+        Decision::Allow(Box::new(crate::core::Allowed {
+            caller: crate::core::Caller {
+                tenant_id: TenantId::new("3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b"),
+                client_app_id: Some(ClientAppId::new("6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c")),
+                object_id: object_id.map(ObjectId::new),
+                token_version: Some("2.0".to_owned()),
+                expires_at: 1_800_000_000,
+            },
+            application_user_id: "b78befa5-dc17-53a5-9661-c01e97822d0f".to_owned(),
+            application_user_name: "Orders Service".to_owned(),
+            entry_name: "orders-service".to_owned(),
+            security_role: "Orders Integration".to_owned(),
+            effective_user: effective_user.map(ObjectId::new),
+        }))
+    }
+
+    /// (headers set, in order), headers_to_remove, dynamic_metadata as (field, value) in key order.
+    type AllowShape = (Vec<(String, String)>, Vec<String>, Vec<(String, String)>);
+
+    fn allow_shape(response: pb::CheckResponse) -> AllowShape {
+        assert_eq!(response.status.map(|s| s.code), Some(CODE_OK));
+        let Some(pb::check_response::HttpResponse::OkResponse(ok)) = response.http_response else {
+            panic!("allow must carry an ok response");
+        };
+        let set = ok
+            .headers
+            .into_iter()
+            .map(|h| {
+                assert_eq!(
+                    h.append_action,
+                    HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                    "identity headers overwrite"
+                );
+                let h = h.header.unwrap();
+                (h.key, h.value)
+            })
+            .collect();
+        let metadata = response
+            .dynamic_metadata
+            .unwrap()
+            .fields
+            .into_iter()
+            .map(|(k, v)| match v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => (k, s),
+                other => panic!("metadata `{k}` is not a string: {other:?}"),
+            })
+            .collect();
+        (set, ok.headers_to_remove, metadata)
+    }
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn an_allow_sets_the_identity_and_removes_every_other_s2s_header() {
+        let sent: HashMap<String, String> = [
+            ("x-s2s-tenant-id", "spoofed"),
+            ("x-s2s-zzz", "made up"),
+            ("x-s2s-effective-user", "spoofed"),
+            ("x-s2s-aaa", "made up"),
+            ("x-other", "kept"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let (set, removed, metadata) = allow_shape(check_response(
+            &allowed(Some("9c8b7a6f-5e4d-4c3b-8a29-1f0e9d8c7b6a"), None),
+            &sent,
+        ));
+        assert_eq!(
+            set,
+            pairs(&[
+                (
+                    "x-s2s-client-app-id",
+                    "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c"
+                ),
+                ("x-s2s-tenant-id", "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b"),
+                ("x-s2s-object-id", "9c8b7a6f-5e4d-4c3b-8a29-1f0e9d8c7b6a"),
+                (
+                    "x-s2s-application-user-id",
+                    "b78befa5-dc17-53a5-9661-c01e97822d0f"
+                ),
+                ("x-s2s-application-user-name", "Orders Service"),
+                ("x-s2s-security-role", "Orders Integration"),
+            ])
+        );
+        // The contract's unset headers in contract order, then what the caller made up, sorted.
+        assert_eq!(
+            removed,
+            [
+                "x-s2s-effective-user",
+                "x-s2s-deny-reason",
+                "x-s2s-aaa",
+                "x-s2s-zzz"
+            ]
+        );
+        assert_eq!(
+            metadata,
+            pairs(&[
+                (
+                    "application_user_id",
+                    "b78befa5-dc17-53a5-9661-c01e97822d0f"
+                ),
+                ("application_user_name", "Orders Service"),
+                ("client_app_id", "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c"),
+                ("object_id", "9c8b7a6f-5e4d-4c3b-8a29-1f0e9d8c7b6a"),
+                ("security_role", "Orders Integration"),
+                ("tenant_id", "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b"),
+            ])
+        );
+    }
+
+    #[test]
+    fn an_allow_without_an_object_id_removes_it_and_an_impersonation_sets_the_effective_user() {
+        let (set, removed, metadata) = allow_shape(check_response(
+            &allowed(None, Some("44444444-5e4d-4c3b-8a29-1f0e9d8c7b6a")),
+            &HashMap::new(),
+        ));
+        let names: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-s2s-client-app-id",
+                "x-s2s-tenant-id",
+                "x-s2s-application-user-id",
+                "x-s2s-application-user-name",
+                "x-s2s-security-role",
+                "x-s2s-effective-user"
+            ]
+        );
+        assert_eq!(removed, ["x-s2s-object-id", "x-s2s-deny-reason"]);
+        assert!(metadata.iter().all(|(k, _)| k != "object_id"));
+        assert!(metadata.contains(&(
+            "effective_user".to_owned(),
+            "44444444-5e4d-4c3b-8a29-1f0e9d8c7b6a".to_owned()
+        )));
+    }
+
+    #[test]
+    fn the_header_map_is_taken_from_the_request_with_lower_case_names() {
+        let mut http = pb::attribute_context::HttpRequest {
+            headers: [("Authorization", "Bearer t"), ("x-s2s-tenant-id", "x")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        let headers = request_headers(&mut http);
+        assert_eq!(
+            headers.get("authorization").map(String::as_str),
+            Some("Bearer t")
+        );
+        assert!(headers.contains_key("x-s2s-tenant-id"));
+        assert!(http.headers.is_empty(), "moved, not copied");
     }
 }
