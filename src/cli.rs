@@ -20,13 +20,13 @@ pub enum Command {
     /// Serve decisions (native API and Envoy ext_authz) until SIGTERM or SIGINT; SIGHUP reloads.
     Serve(Box<ServeArgs>),
     /// Administer the registry over the admin API
-    Registry(crate::registry_cli::RegistryArgs),
+    Registry(Box<crate::registry_cli::RegistryArgs>),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Registry(args) => crate::registry_cli::run(args),
+        Command::Registry(args) => crate::registry_cli::run(*args),
     }
 }
 

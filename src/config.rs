@@ -28,6 +28,8 @@ pub const EMBEDDED_DEV_CONFIG: &str = include_str!("../deploy/local/s2s-authz.ya
 
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:50052";
+/// The app role admin tokens must carry unless configured otherwise.
+pub const DEFAULT_ADMIN_ROLE: &str = "S2SAuthz.Admin";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 pub const DEFAULT_DEV_ISSUER_ADDR: &str = "127.0.0.1:8400";
 pub const DEFAULT_INSTANCE: &str = "https://login.microsoftonline.com/";
@@ -69,6 +71,7 @@ pub struct FileConfig {
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub auth: AuthFile,
+    pub admin: AdminFile,
     pub keys: KeysFile,
     pub token_cache: TokenCacheFile,
     pub oidc_issuers: Vec<OidcIssuerFile>,
@@ -89,6 +92,17 @@ pub struct AuthFile {
     pub require_client_type: Option<bool>,
     pub clock_skew_secs: Option<u64>,
     pub algorithms: Vec<String>,
+}
+
+/// Who may call the admin port.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminFile {
+    /// Require a bearer token on admin calls. Default: only when the admin port is not on loopback;
+    /// it cannot be turned off there.
+    pub require_token: Option<bool>,
+    /// The app role an admin token's `roles` must contain.
+    pub role: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -313,6 +327,13 @@ pub struct ServeArgs {
     /// Verified-token cache size [default: 100000].
     #[arg(long, env = "S2S_AUTHZ_TOKEN_CACHE_ENTRIES")]
     pub token_cache_entries: Option<usize>,
+    /// Require a bearer token with the admin app role on admin calls [default: only when the admin port
+    /// is not on loopback, where it cannot be turned off].
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_REQUIRE_TOKEN")]
+    pub admin_require_token: Option<bool>,
+    /// The app role admin tokens must carry [default: S2SAuthz.Admin].
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_ROLE")]
+    pub admin_role: Option<String>,
     /// Log format: `text` or `json` (filter with `RUST_LOG`) [default: text].
     #[arg(long, env = "S2S_AUTHZ_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -420,6 +441,8 @@ pub struct Settings {
     pub database_url: Option<DatabaseUrl>,
     /// How often a shared store is re-read in full, besides its change notices.
     pub registry_resync: Duration,
+    /// The app role admin calls need, when they need a token at all (`None`: loopback, unauthenticated).
+    pub admin_role: Option<String>,
     pub dev_issuer: Option<DevIssuerConfig>,
     pub log_format: LogFormat,
 }
@@ -612,14 +635,26 @@ pub fn resolve(
         DEFAULT_ADMIN_ADDR,
         "admin_addr",
     )?;
-    // The registry API can change who is allowed. Until admin calls are authenticated (a bearer token
-    // with an admin app role), the admin port is refused anywhere but loopback: fail closed.
-    if !admin_addr.ip().is_loopback() {
+    // The registry API changes who is allowed: off loopback, every admin call needs a bearer token
+    // with the admin app role, and that cannot be turned off.
+    let require_token = args
+        .admin_require_token
+        .or(file.admin.require_token)
+        .unwrap_or(!admin_addr.ip().is_loopback());
+    if !require_token && !admin_addr.ip().is_loopback() {
         return Err(invalid(
-            "admin_addr",
-            "must be a loopback address: admin calls are not authenticated yet",
+            "admin.require_token",
+            "cannot be false when the admin port is not on a loopback address",
         ));
     }
+    let admin_role = match args.admin_role.as_deref().or(file.admin.role.as_deref()) {
+        Some(role) if role.trim().is_empty() => {
+            return Err(invalid("admin.role", "must not be empty"));
+        }
+        Some(role) => role.trim().to_owned(),
+        None => DEFAULT_ADMIN_ROLE.to_owned(),
+    };
+    let admin_role = require_token.then_some(admin_role);
     Ok(Settings {
         grpc_addr: addr(
             args.grpc_addr,
@@ -653,6 +688,7 @@ pub fn resolve(
         data_dir,
         database_url,
         registry_resync,
+        admin_role,
         dev_issuer,
         log_format: args.log_format,
     })
@@ -1003,12 +1039,25 @@ mod tests {
     }
 
     #[test]
-    fn the_admin_port_stays_on_loopback_until_admin_calls_are_authenticated() {
-        let file = parse_yaml("admin_addr: 0.0.0.0:50052\nauth: {audiences: [x]}", "t").unwrap();
-        let err = resolve(file, &ServeArgs::default(), &MctSettings::default()).unwrap_err();
-        assert!(err.to_string().contains("admin_addr"), "{err}");
-        let file = parse_yaml("admin_addr: '[::1]:50052'\nauth: {audiences: [x]}", "t").unwrap();
-        assert!(resolve(file, &ServeArgs::default(), &MctSettings::default()).is_ok());
+    fn off_loopback_the_admin_port_always_needs_a_token_with_the_admin_role() {
+        let resolve_yaml = |yaml: &str| {
+            let file = parse_yaml(yaml, "t").unwrap();
+            resolve(file, &ServeArgs::default(), &MctSettings::default())
+        };
+        let settings = resolve_yaml("auth: {audiences: [x]}").unwrap();
+        assert_eq!(settings.admin_role, None, "loopback: no token by default");
+        let settings = resolve_yaml("admin_addr: 0.0.0.0:50052\nauth: {audiences: [x]}").unwrap();
+        assert_eq!(settings.admin_role.as_deref(), Some(DEFAULT_ADMIN_ROLE));
+        let err = resolve_yaml(
+            "admin_addr: 0.0.0.0:50052\nadmin: {require_token: false}\nauth: {audiences: [x]}",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("admin.require_token"), "{err}");
+        let settings =
+            resolve_yaml("admin: {require_token: true, role: Ops.Admin}\nauth: {audiences: [x]}")
+                .unwrap();
+        assert_eq!(settings.admin_role.as_deref(), Some("Ops.Admin"));
+        assert!(resolve_yaml("admin: {role: ' '}\nauth: {audiences: [x]}").is_err());
     }
 
     #[test]

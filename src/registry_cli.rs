@@ -23,6 +23,15 @@ pub struct RegistryArgs {
         global = true
     )]
     pub admin_addr: String,
+    /// Bearer token for admin calls (needed when the admin port requires one): an access token for the
+    /// sidecar's audience whose `roles` hold the admin app role. Prefer the variable: flags show in `ps`.
+    #[arg(
+        long,
+        env = "S2S_AUTHZ_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<AdminToken>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -214,7 +223,49 @@ pub fn run(args: RegistryArgs) -> ExitCode {
     }
 }
 
-async fn connect(addr: &str) -> Result<RegistryClient<Channel>> {
+/// An admin bearer token; never printed.
+#[derive(Clone)]
+pub struct AdminToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl std::str::FromStr for AdminToken {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let token = crate::core::decision::bearer_token(s);
+        format!("Bearer {token}")
+            .parse()
+            .map(AdminToken)
+            .map_err(|_| "the token must be printable ASCII".to_owned())
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// Adds `authorization` to every admin call when a token is given.
+#[derive(Clone, Debug)]
+pub struct WithToken(Option<AdminToken>);
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(AdminToken(value)) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Admin = RegistryClient<tonic::service::interceptor::InterceptedService<Channel, WithToken>>;
+
+async fn connect(addr: &str, token: Option<AdminToken>) -> Result<Admin> {
     let url = if addr.contains("://") {
         addr.to_owned()
     } else {
@@ -228,11 +279,11 @@ async fn connect(addr: &str) -> Result<RegistryClient<Channel>> {
         .connect()
         .await
         .map_err(|e| CliError::Other(format!("cannot connect to the admin API at {addr}: {e}")))?;
-    Ok(RegistryClient::new(channel))
+    Ok(RegistryClient::with_interceptor(channel, WithToken(token)))
 }
 
 async fn execute(args: RegistryArgs) -> Result<()> {
-    let mut c = connect(&args.admin_addr).await?;
+    let mut c = connect(&args.admin_addr, args.token.clone()).await?;
     let json = args.json;
     match args.command {
         RegistryCommand::Entries(cmd) => entries(&mut c, cmd, json).await,
@@ -555,7 +606,7 @@ fn removed(kind: &str, key: &str, json: bool) -> Result<()> {
 
 // ---- commands ----
 
-async fn get_entry(c: &mut RegistryClient<Channel>, name: &str) -> Result<pb::AppEntry> {
+async fn get_entry(c: &mut Admin, name: &str) -> Result<pb::AppEntry> {
     Ok(c.get_app_entry(pb::GetRequest {
         key: name.to_owned(),
     })
@@ -563,7 +614,7 @@ async fn get_entry(c: &mut RegistryClient<Channel>, name: &str) -> Result<pb::Ap
     .into_inner())
 }
 
-async fn entries(c: &mut RegistryClient<Channel>, cmd: EntriesCommand, json: bool) -> Result<()> {
+async fn entries(c: &mut Admin, cmd: EntriesCommand, json: bool) -> Result<()> {
     match cmd {
         EntriesCommand::List => {
             let all = list_all!(c, list_app_entries, app_entries);
@@ -631,7 +682,7 @@ async fn entries(c: &mut RegistryClient<Channel>, cmd: EntriesCommand, json: boo
     }
 }
 
-async fn users(c: &mut RegistryClient<Channel>, cmd: UsersCommand, json: bool) -> Result<()> {
+async fn users(c: &mut Admin, cmd: UsersCommand, json: bool) -> Result<()> {
     match cmd {
         UsersCommand::List => {
             let all = list_all!(c, list_application_users, application_users);
@@ -672,7 +723,7 @@ fn privilege(spec: &str) -> Result<pb::Privilege> {
     })
 }
 
-async fn roles(c: &mut RegistryClient<Channel>, cmd: RolesCommand, json: bool) -> Result<()> {
+async fn roles(c: &mut Admin, cmd: RolesCommand, json: bool) -> Result<()> {
     match cmd {
         RolesCommand::List => {
             let all = list_all!(c, list_security_roles, security_roles);
@@ -798,7 +849,7 @@ fn some(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())
 }
 
-async fn export(c: &mut RegistryClient<Channel>) -> Result<String> {
+async fn export(c: &mut Admin) -> Result<String> {
     let mut roles = list_all!(c, list_security_roles, security_roles);
     let mut entries = list_all!(c, list_app_entries, app_entries);
     let app_users = list_all!(c, list_application_users, application_users);
@@ -877,7 +928,7 @@ async fn create<T>(
     }
 }
 
-async fn import(c: &mut RegistryClient<Channel>, text: &str) -> Result<()> {
+async fn import(c: &mut Admin, text: &str) -> Result<()> {
     let doc: ExportDoc = serde_saphyr::from_str(text)
         .map_err(|e| CliError::Other(format!("cannot parse the import file: {e}")))?;
     for r in doc.security_roles {

@@ -6,6 +6,7 @@ use crate::devissuer::DevIssuer;
 use crate::directory::IssuerDirectory;
 use crate::engine::{Authorizer, Policy};
 use crate::fetch::Fetcher;
+use crate::grpc::admin::{AdminGuard, AdminPolicy};
 use crate::grpc::{ext_authz::ExtAuthz, native::NativeApi, registry::RegistryApi};
 use crate::jwks::JwksCache;
 use crate::metrics::Metrics;
@@ -198,8 +199,19 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let admin_router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(admin_reflection_v1)
-        .add_service(admin_reflection_v1alpha)
-        .add_service(RegistryServer::new(RegistryApi::new(registry.clone())));
+        .add_service(admin_reflection_v1alpha);
+    let registry_api = RegistryServer::new(RegistryApi::new(registry.clone()));
+    let admin_router = match &settings.admin_role {
+        Some(role) => {
+            tracing::info!(
+                role,
+                "admin calls need a bearer token with the admin app role"
+            );
+            let policy = AdminPolicy::new(authorizer.clone(), role.clone());
+            admin_router.add_service(AdminGuard::new(registry_api, policy))
+        }
+        None => admin_router.add_service(registry_api),
+    };
     let shutdown = stopped(&stop);
     tasks.spawn(async move {
         if let Err(e) = admin_router

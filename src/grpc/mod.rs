@@ -1,5 +1,6 @@
 //! gRPC adapters: they convert protobuf to the core's types and back, and nothing more.
 
+pub mod admin;
 pub mod ext_authz;
 pub mod native;
 pub mod registry;

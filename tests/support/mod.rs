@@ -59,6 +59,13 @@ pub const STRANGER: DevClient = DevClient {
     object_id: "0f1e2d3c-4b5a-4968-8776-5a4b3c2d1e0f",
 };
 pub const ALL_CLIENTS: [DevClient; 4] = [ORDERS, LEGACY_REPORTS, BILLING, STRANGER];
+/// Not on the allowlist, holds the admin app role `S2SAuthz.Admin`: may call the admin port.
+pub const ADMIN: DevClient = DevClient {
+    entry_name: "",
+    client_id: "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d",
+    secret: "dev-secret-admin",
+    object_id: "6b7c8d9e-0f1a-4b2c-9d3e-4f5a6b7c8d9e",
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // External tools
