@@ -8,6 +8,12 @@
 //! run. Open-loop latency is measured from each call's intended send time (no coordinated omission).
 //! Every child stops by itself: the product runs under `timeout`, the no-op server has its own deadline
 //! and also exits when its standard input closes.
+//!
+//! The `envoy` scenario measures where users feel it: HTTP requests through a real Envoy whose
+//! ext_authz filter asks each server, against the same Envoy route with the filter disabled, the two
+//! routes interleaved in the same run. `--also-bin` measures other builds (say, the previous commit's)
+//! in the same run; `--wrap` and `--before-measure`/`--after-measure` run the servers under a profiler
+//! (see `benches/README.md`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use clap::Parser;
@@ -43,7 +49,9 @@ const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
              ext_authz server, measured in the same run",
     after_help = "Scenarios: closed1 (closed loop, 1 connection, 1 call in flight), closed (closed loop at \
                   --connections x --concurrency), open (open loop at each of --rates), cold (closed loop, \
-                  every token new: --cold-tokens pre-signed tokens, the scenario ends when they run out).\n\
+                  every token new: --cold-tokens pre-signed tokens, the scenario ends when they run out, \
+                  or with --cold-cycle when --duration does), envoy (HTTP through a real Envoy, ext_authz \
+                  route against the same route with the filter disabled; not in the default set).\n\
                   Example, a longer run: cargo bench --bench loadgen -- --duration 30 --log-levels info,warn"
 )]
 struct Args {
@@ -65,13 +73,19 @@ struct Args {
     /// Tokens pre-signed for the `cold` scenario (each is sent once).
     #[arg(long, default_value_t = 20_000)]
     cold_tokens: usize,
-    /// Scenarios to run, comma separated: closed1, closed, open, cold.
+    /// Scenarios to run, comma separated: closed1, closed, open, cold, envoy (not run by default).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "closed1,closed,open,cold"
     )]
     scenarios: Vec<String>,
+    /// `envoy` scenario: the Envoy binary [default: $S2S_ENVOY, else .tools/venv/bin/envoy].
+    #[arg(long)]
+    envoy_bin: Option<PathBuf>,
+    /// `envoy` scenario: open-loop rates (requests/s) through Envoy, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    envoy_rates: Vec<u64>,
     /// `RUST_LOG` of the product server; several (e.g. `info,warn`) start one server per level.
     #[arg(long, value_delimiter = ',', default_value = "info")]
     log_levels: Vec<String>,
@@ -84,9 +98,34 @@ struct Args {
     /// The `s2s-authz` binary [default: $S2S_AUTHZ_BIN, else the one cargo built with this bench].
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Other builds of `s2s-authz` to measure in the same run (e.g. the previous commit's), comma
+    /// separated; each is reported under its file name.
+    #[arg(long, value_delimiter = ',')]
+    also_bin: Vec<PathBuf>,
     /// Skip the no-op baseline.
     #[arg(long)]
     no_baseline: bool,
+    /// `cold` only: cycle through the pre-signed cold tokens until `--duration` ends instead of stopping
+    /// when they run out. With more tokens than `--token-cache-entries`, every call still misses the
+    /// cache (a token comes back only after all the others), so this is a flood of any length.
+    #[arg(long)]
+    cold_cycle: bool,
+    /// Sample each server's RSS this often during a scenario and print the series (seconds; 0: only at
+    /// the end).
+    #[arg(long, default_value_t = 0.0)]
+    rss_every: f64,
+    /// Run both servers under this command prefix (split on whitespace), e.g.
+    /// `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p.out`.
+    #[arg(long)]
+    wrap: Option<String>,
+    /// A shell command run (and waited for) right before each measurement; `{pid}` is the server's pid.
+    /// E.g. `callgrind_control -z {pid}`.
+    #[arg(long)]
+    before_measure: Option<String>,
+    /// A shell command run (and waited for) right after each measurement; `{pid}` is the server's pid.
+    /// E.g. `callgrind_control -d {pid}`.
+    #[arg(long)]
+    after_measure: Option<String>,
     /// Internal: serve the no-op ext_authz and print its address.
     #[arg(long, hide = true)]
     noop_server: bool,
@@ -269,14 +308,41 @@ fn server_bin(args: &Args) -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_s2s-authz"))
 }
 
-fn start_noop(lifetime: u64) -> Target {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--noop-server", "--max-lifetime", &lifetime.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+/// `program args…`, or the same under `--wrap`'s command prefix.
+fn command(wrap: Option<&str>, program: &std::ffi::OsStr) -> Command {
+    let mut prefix = wrap.unwrap_or_default().split_whitespace();
+    match prefix.next() {
+        None => Command::new(program),
+        Some(first) => {
+            let mut c = Command::new(first);
+            c.args(prefix).arg(program);
+            c
+        }
+    }
+}
+
+/// Runs a `--before-measure` / `--after-measure` hook for the server `pid`.
+fn hook(cmd: Option<&str>, pid: u32) {
+    if let Some(cmd) = cmd {
+        let cmd = cmd.replace("{pid}", &pid.to_string());
+        match Command::new("sh").args(["-c", &cmd]).status() {
+            Ok(s) if s.success() => {}
+            other => eprintln!("  warning: `{cmd}`: {other:?}"),
+        }
+    }
+}
+
+fn start_noop(args: &Args, lifetime: u64) -> Target {
+    let mut child = command(
+        args.wrap.as_deref(),
+        std::env::current_exe().unwrap().as_os_str(),
+    )
+    .args(["--noop-server", "--max-lifetime", &lifetime.to_string()])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -296,14 +362,32 @@ fn start_noop(lifetime: u64) -> Target {
     }
 }
 
+/// The builds under test: (label, binary). The first is `s2s-authz`, the one `--server-bin` names.
+fn products(args: &Args) -> Vec<(String, PathBuf)> {
+    let mut out = vec![("s2s-authz".to_owned(), server_bin(args))];
+    for (i, bin) in args.also_bin.iter().enumerate() {
+        let name = bin.file_name().map_or_else(
+            || format!("build-{i}"),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        out.push((name, bin.clone()));
+    }
+    out
+}
+
+fn product_name(label: &str, level: &str) -> String {
+    format!("{label} (RUST_LOG={level})")
+}
+
 fn start_product(
     args: &Args,
     dev: &DevIssuer,
     dir: &std::path::Path,
+    (label, bin): &(String, PathBuf),
     level: &str,
     lifetime: u64,
 ) -> Target {
-    let config = dir.join(format!("s2s-authz-{level}.yaml"));
+    let config = dir.join(format!("{label}-{level}.yaml"));
     std::fs::write(
         &config,
         format!(
@@ -329,11 +413,14 @@ app_entries:
     )
     .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log = dir.join(format!("s2s-authz-{level}.log"));
-    let bin = server_bin(args);
-    let child = Command::new("timeout")
-        .args(["--kill-after=5", &format!("{lifetime}s")])
-        .arg(&bin)
+    let log = dir.join(format!("{label}-{level}.log"));
+    let mut timeout = Command::new("timeout");
+    timeout.args(["--kill-after=5", &format!("{lifetime}s")]);
+    if let Some(wrap) = &args.wrap {
+        timeout.args(wrap.split_whitespace());
+    }
+    let child = timeout
+        .arg(bin)
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -360,7 +447,7 @@ app_entries:
         std::thread::sleep(Duration::from_millis(10));
     };
     Target {
-        name: format!("s2s-authz (RUST_LOG={level})"),
+        name: product_name(label, level),
         addr,
         pid,
         child,
@@ -468,6 +555,18 @@ impl Stats {
         }
     }
 
+    /// An HTTP request through Envoy: `decisions` counts HTTP status codes (200 is allow).
+    fn record_http(&mut self, result: &Result<u16, String>, ns: u64) {
+        self.latency_ns.saturating_record(ns.max(1));
+        match result {
+            Ok(status) => {
+                *self.grpc.entry("HTTP".to_owned()).or_default() += 1;
+                *self.decisions.entry(i32::from(*status)).or_default() += 1;
+            }
+            Err(e) => *self.grpc.entry(e.clone()).or_default() += 1,
+        }
+    }
+
     fn merge(&mut self, other: Stats) {
         self.latency_ns.add(&other.latency_ns).unwrap();
         self.lag_ns.add(&other.lag_ns).unwrap();
@@ -494,6 +593,8 @@ struct Measurement {
     server_cpu: f64,
     client_cpu: f64,
     rss_kib: u64,
+    /// `--rss-every`: (seconds into the measurement, RSS KiB).
+    rss_series: Vec<(f64, u64)>,
 }
 
 impl Measurement {
@@ -540,6 +641,7 @@ enum Load {
 }
 
 async fn measure(
+    args: &Args,
     target: &Target,
     load: &Load,
     source: Arc<Source>,
@@ -556,6 +658,24 @@ async fn measure(
         let mut c = c.clone();
         let _ = c.check(check_request("warm-up")).await;
     }
+    tokio::task::block_in_place(|| hook(args.before_measure.as_deref(), target.pid));
+    // The RSS series: (seconds since start, KiB), sampled by a thread until the measurement ends.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(args.rss_every > 0.0));
+    let sampler = {
+        let (sampling, pid, every) = (sampling.clone(), target.pid, args.rss_every);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut series = Vec::new();
+            while sampling.load(Ordering::Acquire) {
+                series.push((start.elapsed().as_secs_f64(), rss_kib(pid)));
+                let next = Duration::from_secs_f64(every * series.len() as f64);
+                while sampling.load(Ordering::Acquire) && start.elapsed() < next {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            series
+        })
+    };
     let server_before = process_cpu(&pid, ticks);
     let client_before = process_cpu("self", ticks);
     let started = Instant::now();
@@ -566,12 +686,16 @@ async fn measure(
     let elapsed = started.elapsed();
     let server_cpu = process_cpu(&pid, ticks) - server_before;
     let client_cpu = process_cpu("self", ticks) - client_before;
+    sampling.store(false, Ordering::Release);
+    let rss_series = sampler.join().unwrap_or_default();
+    tokio::task::block_in_place(|| hook(args.after_measure.as_deref(), target.pid));
     Measurement {
         stats,
         elapsed,
         server_cpu,
         client_cpu,
         rss_kib: rss_kib(target.pid),
+        rss_series,
     }
 }
 
@@ -706,23 +830,30 @@ fn raw_decode_cpu(dev: &DevIssuer, tokens: &[String]) -> f64 {
     for t in sample.iter().take(100) {
         assert!(jsonwebtoken::decode::<serde_json::Value>(t, &key, &validation).is_ok());
     }
+    // The scheduler's per-thread CPU time advances at scheduling events, so a batch must be long
+    // (≥ 0.2 s) for its reading to be exact to a few per cent: repeat the sample until it is.
     let mut batches: Vec<f64> = (0..5)
         .map(|_| {
             let before = thread_cpu();
-            for t in sample {
-                std::hint::black_box(
-                    jsonwebtoken::decode::<serde_json::Value>(t, &key, &validation).is_ok(),
-                );
+            let started = Instant::now();
+            let mut decoded = 0usize;
+            while decoded < 1000 || started.elapsed() < Duration::from_millis(200) {
+                for t in sample {
+                    std::hint::black_box(
+                        jsonwebtoken::decode::<serde_json::Value>(t, &key, &validation).is_ok(),
+                    );
+                }
+                decoded += sample.len();
             }
-            (thread_cpu() - before) / sample.len() as f64
+            (thread_cpu() - before) / decoded as f64
         })
         .collect();
     batches.sort_by(f64::total_cmp);
     batches[batches.len() / 2]
 }
 
-async fn wait_ready(target: &Target, token: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+async fn wait_ready(target: &Target, token: &str, patience: Duration) {
+    let deadline = Instant::now() + patience;
     loop {
         if let Ok(mut client) = connect_one(target.addr).await
             && let Ok(r) = client.check(check_request(token)).await
@@ -783,6 +914,14 @@ fn print_row(r: &Row) {
         m.stats.grpc,
         m.stats.decisions,
     );
+    if !m.rss_series.is_empty() {
+        let series: Vec<String> = m
+            .rss_series
+            .iter()
+            .map(|(t, kib)| format!("{t:.0}s {:.1}", *kib as f64 / 1024.0))
+            .collect();
+        println!("    RSS MiB over time: {}", series.join(", "));
+    }
 }
 
 async fn run(args: Args) {
@@ -829,19 +968,36 @@ async fn run(args: Args) {
     let scenario_count = args.scenarios.len() + args.rates.len();
     let lifetime = 60
         + (scenario_count as u64 + 1)
-            * (args.log_levels.len() as u64 + 1)
+            * (args.log_levels.len() as u64 * (args.also_bin.len() as u64 + 1) + 1)
             * (args.duration as u64 + 35);
     let dir = tempfile::tempdir().unwrap();
     let mut targets: Vec<Target> = Vec::new();
     if !args.no_baseline {
-        targets.push(start_noop(lifetime));
+        targets.push(start_noop(&args, lifetime));
     }
     for level in &args.log_levels {
-        targets.push(start_product(&args, &dev, dir.path(), level, lifetime));
+        for product in &products(&args) {
+            targets.push(start_product(
+                &args,
+                &dev,
+                dir.path(),
+                product,
+                level,
+                lifetime,
+            ));
+        }
     }
     for t in &targets {
-        wait_ready(t, &hot[0]).await;
-        println!("{} ready on {} (pid {})", t.name, t.addr, t.pid);
+        // A server under `--wrap` (valgrind) starts far more slowly.
+        let patience = Duration::from_secs(if args.wrap.is_some() { 300 } else { 30 });
+        wait_ready(t, &hot[0], patience).await;
+        println!(
+            "{} ready on {} (pid {}, RSS {:.1} MiB)",
+            t.name,
+            t.addr,
+            t.pid,
+            rss_kib(t.pid) as f64 / 1024.0
+        );
     }
 
     let mut scenarios: Vec<(String, Load, bool)> = Vec::new();
@@ -903,11 +1059,11 @@ async fn run(args: Args) {
                 continue;
             }
             let source = if *is_cold {
-                Source::new(&cold, false)
+                Source::new(&cold, args.cold_cycle)
             } else {
                 Source::new(&hot, true)
             };
-            let m = measure(t, load, source, duration).await;
+            let m = measure(&args, t, load, source, duration).await;
             let row = Row {
                 scenario: name.clone(),
                 target: t.name.clone(),
@@ -917,6 +1073,10 @@ async fn run(args: Args) {
             rows.push(row);
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+    }
+
+    if wants("envoy") {
+        envoy_scenarios(&args, &targets, &hot, duration, &mut rows).await;
     }
 
     let raw_after = tokio::task::block_in_place(|| {
@@ -947,7 +1107,11 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
     let products: Vec<String> = args
         .log_levels
         .iter()
-        .map(|l| format!("s2s-authz (RUST_LOG={l})"))
+        .flat_map(|l| {
+            products(args)
+                .into_iter()
+                .map(move |(p, _)| product_name(&p, l))
+        })
         .collect();
     println!(
         "\n== Against the no-op baseline, same run (ratios and differences; absolute times on this box are noisy)"
@@ -1050,6 +1214,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             );
         }
     }
+    envoy_summary(args, rows);
     if let (Some(b), Some(p)) = (
         find(&closed, "noop"),
         products.first().and_then(|p| find(&closed, p)),
@@ -1064,4 +1229,406 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
 
 fn yes(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The `envoy` scenario: what the ext_authz hop adds to a request through a real Envoy.
+//
+// One Envoy per target (the no-op and each product), one listener, two routes to the same upstream
+// (an HTTP server in this process answering 200 at once): `/authz/…` runs the ext_authz filter against
+// the target, `/direct/…` has it disabled per route. Same Envoy, same connection manager, same request
+// (with its bearer token) on both, and the two routes' requests interleaved in time: the difference
+// between the two routes is the ext_authz hop.
+
+const ENVOY_AUTHZ_PATH: &str = "/authz/orders/42";
+const ENVOY_DIRECT_PATH: &str = "/direct/orders/42";
+
+fn envoy_bootstrap(authz: SocketAddr, upstream: SocketAddr) -> String {
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: ingress
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/direct/" }}
+                route: {{ cluster: upstream }}
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    disabled: true
+              - match: {{ prefix: "/authz/" }}
+                route: {{ cluster: upstream }}
+          http_filters:
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              grpc_service:
+                envoy_grpc: {{ cluster_name: ext_authz }}
+                timeout: 1s
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: ext_authz
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: ext_authz
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {authz_ip}, port_value: {authz_port} }}
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {upstream_ip}, port_value: {upstream_port} }}
+"#,
+        authz_ip = authz.ip(),
+        authz_port = authz.port(),
+        upstream_ip = upstream.ip(),
+        upstream_port = upstream.port(),
+    )
+}
+
+/// A running Envoy, stopped when dropped.
+struct EnvoyProcess {
+    child: Child,
+    listener: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EnvoyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn envoy_bin(args: &Args) -> PathBuf {
+    if let Some(p) = &args.envoy_bin {
+        return p.clone();
+    }
+    if let Some(p) = std::env::var_os("S2S_ENVOY").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/envoy")
+}
+
+async fn start_envoy(
+    bin: &std::path::Path,
+    authz: SocketAddr,
+    upstream: SocketAddr,
+) -> EnvoyProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("envoy.yaml");
+    let admin_path = dir.path().join("admin-address");
+    let log_path = dir.path().join("envoy.log");
+    std::fs::write(&config, envoy_bootstrap(authz, upstream)).unwrap();
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&config)
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    let mut envoy = EnvoyProcess {
+        child,
+        listener: "127.0.0.1:0".parse().unwrap(),
+        _dir: dir,
+    };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    loop {
+        if let Ok(Some(status)) = envoy.child.try_wait() {
+            panic!("Envoy exited ({status}):\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "Envoy did not start:\n{}", log());
+        let admin = std::fs::read_to_string(&admin_path).unwrap_or_default();
+        if let Ok(admin) = admin.trim().parse::<SocketAddr>()
+            && let Ok(r) = client
+                .get(format!("http://{admin}/listeners?format=json"))
+                .send()
+                .await
+            && let Ok(body) = r.bytes().await
+            && let Ok(listeners) = serde_json::from_slice::<serde_json::Value>(&body)
+            && let Some(port) = listeners["listener_statuses"]
+                .as_array()
+                .and_then(|l| l.iter().find(|l| l["name"] == "ingress"))
+                .and_then(|l| l["local_address"]["socket_address"]["port_value"].as_u64())
+        {
+            envoy.listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()));
+            return envoy;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The upstream behind Envoy: 200 at once, to every request.
+async fn start_upstream() -> SocketAddr {
+    use axum::serve::ListenerExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let router = axum::Router::new().fallback(|| async { "ok" });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    addr
+}
+
+async fn http_get(client: &reqwest::Client, url: &str, authorization: &str) -> Result<u16, String> {
+    match client
+        .get(url)
+        .header("authorization", authorization)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            r.bytes().await.map_err(|e| format!("{e}"))?;
+            Ok(status)
+        }
+        Err(e) => Err(if e.is_timeout() {
+            "timeout".to_owned()
+        } else {
+            "error".to_owned()
+        }),
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Closed loop, one request in flight, alternating between the two routes (`urls[0]`, `urls[1]`), each
+/// on its own connection: both routes see the same machine at the same time, so the difference between
+/// them is the ext_authz hop and not a change in the neighbours' load.
+async fn http_closed1_pair(urls: [&str; 2], authorization: &str, duration: Duration) -> [Stats; 2] {
+    let clients = [http_client(), http_client()];
+    // Warm-up: the connections to Envoy, and Envoy's to the upstream and the ext_authz server.
+    for _ in 0..20 {
+        for (client, url) in clients.iter().zip(urls) {
+            let _ = http_get(client, url, authorization).await;
+        }
+    }
+    let deadline = Instant::now() + duration;
+    let mut stats = [Stats::new(), Stats::new()];
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let sent = Instant::now();
+        let result = http_get(&clients[i % 2], urls[i % 2], authorization).await;
+        stats[i % 2].record_http(&result, sent.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    stats
+}
+
+/// Open loop through Envoy at `rate` requests/s per route, the two routes interleaved (request `i` goes
+/// to `urls[i % 2]`); latency from each request's intended send time, as in `open_loop`.
+async fn http_open_pair(
+    urls: [&str; 2],
+    authorization: &str,
+    rate: u64,
+    duration: Duration,
+) -> [Stats; 2] {
+    let client = http_client();
+    for _ in 0..20 {
+        for url in urls {
+            let _ = http_get(&client, url, authorization).await;
+        }
+    }
+    let total = (2.0 * rate as f64 * duration.as_secs_f64()).round() as u64;
+    let stats = Arc::new(Mutex::new([Stats::new(), Stats::new()]));
+    let done = Arc::new(AtomicU64::new(0));
+    let all_done = Arc::new(tokio::sync::Notify::new());
+    let handle = tokio::runtime::Handle::current();
+    let (s, d, n) = (stats.clone(), done.clone(), all_done.clone());
+    let urls = urls.map(str::to_owned);
+    let authorization = authorization.to_owned();
+    let pacer = std::thread::spawn(move || {
+        let interval = Duration::from_secs_f64(1.0 / (2.0 * rate as f64));
+        let start = Instant::now() + Duration::from_millis(5);
+        for i in 0..total {
+            let intended = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            let route = (i % 2) as usize;
+            let (client, url, authorization) =
+                (client.clone(), urls[route].clone(), authorization.clone());
+            let (s, d, n) = (s.clone(), d.clone(), n.clone());
+            handle.spawn(async move {
+                let sent = Instant::now();
+                let result = http_get(&client, &url, &authorization).await;
+                let finished = Instant::now();
+                {
+                    let mut stats = s.lock().unwrap();
+                    stats[route].record_http(&result, (finished - intended).as_nanos() as u64);
+                    stats[route].lag_ns.saturating_record(
+                        (sent.saturating_duration_since(intended)).as_nanos().max(1) as u64,
+                    );
+                }
+                if d.fetch_add(1, Ordering::AcqRel) + 1 == total {
+                    n.notify_one();
+                }
+            });
+        }
+    });
+    let waited =
+        tokio::time::timeout(duration + Duration::from_secs(30), all_done.notified()).await;
+    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+    if waited.is_err() {
+        eprintln!("  warning: not every open-loop request completed in time");
+    }
+    let mut guard = stats.lock().unwrap();
+    std::mem::replace(&mut *guard, [Stats::new(), Stats::new()])
+}
+
+/// Runs the `envoy` scenarios for every target; rows are named `envoy … direct|authz`.
+async fn envoy_scenarios(
+    args: &Args,
+    targets: &[Target],
+    hot: &[String],
+    duration: Duration,
+    rows: &mut Vec<Row>,
+) {
+    let bin = envoy_bin(args);
+    let upstream = start_upstream().await;
+    let authorization = format!("Bearer {}", hot[0]);
+    for t in targets {
+        let envoy = start_envoy(&bin, t.addr, upstream).await;
+        println!(
+            "\n== through Envoy ({}), ext_authz against {} ({:.0} s each)",
+            envoy.listener, t.name, args.duration
+        );
+        let mut loads: Vec<(String, Option<u64>)> = vec![("1 conn x 1 in flight".to_owned(), None)];
+        loads.extend(
+            args.envoy_rates
+                .iter()
+                .map(|r| (format!("open loop {r}/s"), Some(*r))),
+        );
+        for (load, rate) in &loads {
+            let urls = [ENVOY_DIRECT_PATH, ENVOY_AUTHZ_PATH]
+                .map(|p| format!("http://{}{p}", envoy.listener));
+            let urls = [urls[0].as_str(), urls[1].as_str()];
+            let ticks = clock_ticks_per_sec();
+            let pid = t.pid.to_string();
+            let before = process_cpu(&pid, ticks);
+            let started = Instant::now();
+            let pair = match rate {
+                None => http_closed1_pair(urls, &authorization, duration).await,
+                Some(r) => http_open_pair(urls, &authorization, *r, duration).await,
+            };
+            let (elapsed, server_cpu) = (started.elapsed(), process_cpu(&pid, ticks) - before);
+            for (route, stats) in ["direct", "authz"].into_iter().zip(pair) {
+                let row = Row {
+                    scenario: format!("envoy {load} {route}"),
+                    target: t.name.clone(),
+                    m: Measurement {
+                        elapsed,
+                        // All of the target's CPU is the ext_authz route's: the other never reaches it.
+                        server_cpu: if route == "authz" { server_cpu } else { 0.0 },
+                        client_cpu: 0.0,
+                        rss_kib: rss_kib(t.pid),
+                        rss_series: Vec::new(),
+                        stats,
+                    },
+                };
+                println!("  {load}, {route} route:");
+                print_row(&row);
+                rows.push(row);
+            }
+        }
+    }
+}
+
+fn envoy_summary(args: &Args, rows: &[Row]) {
+    let find = |scenario: &str, target: &str| {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.target == target)
+            .map(|r| &r.m)
+    };
+    let mut targets: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.scenario.starts_with("envoy ")) {
+        if !targets.contains(&r.target.as_str()) {
+            targets.push(&r.target);
+        }
+    }
+    if targets.is_empty() {
+        return;
+    }
+    println!(
+        "\n== The ext_authz hop through Envoy: route with the filter minus the same route without it, same Envoy, same run"
+    );
+    println!("| figure | ext_authz route | filter disabled | added by the hop |");
+    println!("|---|---|---|---|");
+    let mut loads = vec!["1 conn x 1 in flight".to_owned()];
+    loads.extend(args.envoy_rates.iter().map(|r| format!("open loop {r}/s")));
+    for t in targets {
+        for load in &loads {
+            let (Some(a), Some(d)) = (
+                find(&format!("envoy {load} authz"), t),
+                find(&format!("envoy {load} direct"), t),
+            ) else {
+                continue;
+            };
+            for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
+                println!(
+                    "| {t}: {label}, {load} | {:.0} µs | {:.0} µs | {:+.0} µs |",
+                    a.p(q),
+                    d.p(q),
+                    a.p(q) - d.p(q)
+                );
+            }
+        }
+    }
 }
