@@ -19,3 +19,4 @@ pub mod registry_cli;
 pub mod server;
 pub mod store;
 pub mod token_cache;
+pub mod transport;

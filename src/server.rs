@@ -15,6 +15,7 @@ use crate::proto::s2sauthz::v1::authorizer_server::AuthorizerServer;
 use crate::proto::s2sauthz::v1::registry_server::RegistryServer;
 use crate::registry::{Registry, Watcher};
 use crate::store::{Location, Store};
+use crate::transport::{decision_incoming, incoming};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -188,7 +189,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let shutdown = stopped(&stop);
     tasks.spawn(async move {
         if let Err(e) = decision_router
-            .serve_with_incoming_shutdown(incoming(grpc), shutdown)
+            .serve_with_incoming_shutdown(decision_incoming(grpc), shutdown)
             .await
         {
             tracing::error!(error = %e, "decision port failed");
@@ -246,13 +247,6 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         tasks,
         background,
     })
-}
-
-/// Accepted connections with Nagle's algorithm off: a decision is one small response, and with Nagle
-/// on it waits for the peer's delayed ACK (about 40 ms per call). tonic's own `tcp_nodelay` setting
-/// does not apply to listeners handed to `serve_with_incoming*`, so it is set here.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Reflection (v1 and v1alpha) advertising exactly the services a port serves, plus health.
