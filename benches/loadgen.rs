@@ -55,9 +55,15 @@ const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
                   Example, a longer run: cargo bench --bench loadgen -- --duration 30 --log-levels info,warn"
 )]
 struct Args {
-    /// Seconds per scenario and target.
+    /// Seconds per scenario, target and round.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// Rounds per scenario. Each round measures every target once, in alternating order, so the no-op
+    /// and the product are measured minutes apart at most; figures are the median of the per-round
+    /// ratios (and differences), with their range. On a shared VM the speed of the box drifts by ±20 %
+    /// within minutes, which one long measurement per target turns into a wrong ratio.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// HTTP/2 connections for the `closed`, `open` and `cold` scenarios.
     #[arg(long, default_value_t = 2)]
     connections: usize,
@@ -511,7 +517,7 @@ impl Source {
 
     fn next(&self) -> Option<CheckRequest> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        if self.cycle {
+        if self.cycle && !self.requests.is_empty() {
             self.requests.get(i % self.requests.len()).cloned()
         } else {
             self.requests.get(i).cloned()
@@ -885,6 +891,7 @@ async fn connect_one(
 struct Row {
     scenario: String,
     target: String,
+    round: usize,
     m: Measurement,
 }
 
@@ -900,9 +907,10 @@ fn print_row(r: &Row) {
         )
     };
     println!(
-        "  {:<28} {:>9.0} calls/s  p50 {:>7.1}  p90 {:>7.1}  p99 {:>7.1}  p99.9 {:>8.1} µs  \
+        "  {:<28} r{} {:>9.0} calls/s  p50 {:>7.1}  p90 {:>7.1}  p99 {:>7.1}  p99.9 {:>8.1} µs  \
          server {:>5.1} µs CPU/call  loadgen {:>5.1} µs CPU/call  RSS {:>6.1} MiB  grpc {:?}  decisions {:?}{lag}",
         r.target,
+        r.round + 1,
         m.throughput(),
         m.p(0.5),
         m.p(0.9),
@@ -968,6 +976,7 @@ async fn run(args: Args) {
     let scenario_count = args.scenarios.len() + args.rates.len();
     let lifetime = 60
         + (scenario_count as u64 + 1)
+            * args.rounds.max(1) as u64
             * (args.log_levels.len() as u64 * (args.also_bin.len() as u64 + 1) + 1)
             * (args.duration as u64 + 35);
     let dir = tempfile::tempdir().unwrap();
@@ -1051,27 +1060,40 @@ async fn run(args: Args) {
     }
 
     let mut rows: Vec<Row> = Vec::new();
+    let rounds = args.rounds.max(1);
+    // Each round of the cold scenario sends its own share of the cold tokens, so that no product sees a
+    // token twice (it would be a cache hit).
+    let cold_share = cold.len().div_ceil(rounds).max(1);
     for (name, load, is_cold) in &scenarios {
-        println!("\n== {name} ({:.0} s each)", args.duration);
-        for t in &targets {
-            // The no-op does not look at tokens: a cold run against it is a hot run.
-            if *is_cold && t.name == "noop" {
-                continue;
+        println!(
+            "\n== {name} ({:.0} s each, {rounds} round(s))",
+            args.duration
+        );
+        for round in 0..rounds {
+            let mut order: Vec<&Target> = targets.iter().collect();
+            if round % 2 == 1 {
+                order.reverse();
             }
-            let source = if *is_cold {
-                Source::new(&cold, args.cold_cycle)
-            } else {
-                Source::new(&hot, true)
-            };
-            let m = measure(&args, t, load, source, duration).await;
-            let row = Row {
-                scenario: name.clone(),
-                target: t.name.clone(),
-                m,
-            };
-            print_row(&row);
-            rows.push(row);
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            for t in order {
+                // The no-op does not look at tokens, so in the cold scenario it is the hot baseline,
+                // measured at the same moment as the product's cold run.
+                let source = if *is_cold {
+                    let share = cold.chunks(cold_share).nth(round).unwrap_or(&[]);
+                    Source::new(share, args.cold_cycle)
+                } else {
+                    Source::new(&hot, true)
+                };
+                let m = measure(&args, t, load, source, duration).await;
+                let row = Row {
+                    scenario: name.clone(),
+                    target: t.name.clone(),
+                    round,
+                    m,
+                };
+                print_row(&row);
+                rows.push(row);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
     }
 
@@ -1098,11 +1120,79 @@ async fn run(args: Args) {
     dev.shutdown().await;
 }
 
+/// Per-round figures of one product against the no-op: the median and the range over the rounds.
+struct Figure {
+    median: f64,
+    min: f64,
+    max: f64,
+    rounds: usize,
+}
+
+impl Figure {
+    fn of(mut values: Vec<f64>) -> Option<Figure> {
+        values.retain(|v| v.is_finite());
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Some(Figure {
+            median,
+            min: values[0],
+            max: values[n - 1],
+            rounds: n,
+        })
+    }
+
+    /// `1.23x (1.10-1.31x over 3 rounds)`, or the same with a signed unit.
+    fn show(&self, precision: usize, unit: &str, signed: bool) -> String {
+        let v = |x: f64| {
+            if signed {
+                format!("{x:+.precision$}{unit}")
+            } else {
+                format!("{x:.precision$}{unit}")
+            }
+        };
+        if self.rounds == 1 {
+            v(self.median)
+        } else {
+            format!(
+                "{} ({} to {} over {} rounds)",
+                v(self.median),
+                v(self.min),
+                v(self.max),
+                self.rounds
+            )
+        }
+    }
+}
+
 fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
-    let find = |scenario: &str, target: &str| {
+    // The measurements of (scenario, target) by round, and figures over the rounds that have both.
+    let of = |scenario: &str, target: &str| -> Vec<&Row> {
         rows.iter()
-            .find(|r| r.scenario.starts_with(scenario) && r.target == target)
-            .map(|r| &r.m)
+            .filter(|r| r.scenario.starts_with(scenario) && r.target == target)
+            .collect()
+    };
+    let paired = |scenario: &str, target: &str, f: &dyn Fn(&Measurement, &Measurement) -> f64| {
+        let base = of(scenario, "noop");
+        let values = of(scenario, target)
+            .into_iter()
+            .filter_map(|r| {
+                base.iter()
+                    .find(|b| b.round == r.round)
+                    .map(|b| f(&r.m, &b.m))
+            })
+            .collect();
+        Figure::of(values)
+    };
+    let each = |scenario: &str, target: &str, f: &dyn Fn(&Measurement) -> f64| {
+        Figure::of(of(scenario, target).into_iter().map(|r| f(&r.m)).collect())
     };
     let products: Vec<String> = args
         .log_levels
@@ -1114,115 +1204,127 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
         })
         .collect();
     println!(
-        "\n== Against the no-op baseline, same run (ratios and differences; absolute times on this box are noisy)"
+        "\n== Against the no-op baseline, same run: the median over rounds of each round's ratio or \
+         difference (absolute times on this box are noisy)"
     );
-    println!("| figure | s2s-authz | no-op | ratio / difference | target | met |");
+    println!(
+        "| figure | s2s-authz (median) | no-op (median) | ratio / difference | target | met |"
+    );
     println!("|---|---|---|---|---|---|");
     let closed = format!(
         "closed loop, {} conn x {} in flight, hot",
         args.connections, args.concurrency
     );
+    let cold = format!(
+        "closed loop, {} conn x {} in flight, cold",
+        args.connections, args.concurrency
+    );
+    let closed1 = "closed loop, 1 conn x 1 in flight";
+    let median = |f: Option<Figure>| f.map_or(f64::NAN, |f| f.median);
     for p in &products {
-        if let (Some(m), Some(b)) = (find(&closed, p), find(&closed, "noop")) {
-            let ratio = m.throughput() / b.throughput();
+        let throughput = |m: &Measurement, b: &Measurement| m.throughput() / b.throughput();
+        let cpu =
+            |m: &Measurement, b: &Measurement| m.server_us_per_call() / b.server_us_per_call();
+        let p99 = |m: &Measurement, b: &Measurement| m.p(0.99) - b.p(0.99);
+        if let Some(ratio) = paired(&closed, p, &throughput) {
             println!(
-                "| {p}: throughput, hot, {} conn x {} | {:.0}/s | {:.0}/s | {:.2}x | >= 0.8x | {} |",
+                "| {p}: throughput, hot, {} conn x {} | {:.0}/s | {:.0}/s | {} | >= 0.8x | {} |",
                 args.connections,
                 args.concurrency,
-                m.throughput(),
-                b.throughput(),
-                ratio,
-                yes(ratio >= 0.8)
-            );
-            let ratio = m.server_us_per_call() / b.server_us_per_call();
-            println!(
-                "| {p}: server CPU per Check, hot | {:.1} µs | {:.1} µs | {:.2}x | <= 1.3x | {} |",
-                m.server_us_per_call(),
-                b.server_us_per_call(),
-                ratio,
-                yes(ratio <= 1.3)
-            );
-            println!(
-                "| {p}: p99 closed loop, hot | {:.0} µs | {:.0} µs | {:+.0} µs | (info) | |",
-                m.p(0.99),
-                b.p(0.99),
-                m.p(0.99) - b.p(0.99)
+                median(each(&closed, p, &Measurement::throughput)),
+                median(each(&closed, "noop", &Measurement::throughput)),
+                ratio.show(2, "x", false),
+                yes(ratio.median >= 0.8)
             );
         }
-        if let (Some(m), Some(b)) = (
-            find("closed loop, 1 conn x 1 in flight", p),
-            find("closed loop, 1 conn x 1 in flight", "noop"),
-        ) {
+        if let Some(ratio) = paired(&closed, p, &cpu) {
             println!(
-                "| {p}: throughput, 1 conn x 1 in flight | {:.0}/s | {:.0}/s | {:.2}x | (info) | |",
-                m.throughput(),
-                b.throughput(),
-                m.throughput() / b.throughput()
+                "| {p}: server CPU per Check, hot | {:.1} µs | {:.1} µs | {} | <= 1.3x | {} |",
+                median(each(&closed, p, &Measurement::server_us_per_call)),
+                median(each(&closed, "noop", &Measurement::server_us_per_call)),
+                ratio.show(2, "x", false),
+                yes(ratio.median <= 1.3)
             );
+        }
+        if let Some(diff) = paired(&closed, p, &p99) {
             println!(
-                "| {p}: p50 latency, 1 conn x 1 in flight | {:.0} µs | {:.0} µs | {:+.0} µs | (info) | |",
-                m.p(0.5),
-                b.p(0.5),
-                m.p(0.5) - b.p(0.5)
+                "| {p}: p99 closed loop, hot | {:.0} µs | {:.0} µs | {} | (info) | |",
+                median(each(&closed, p, &|m| m.p(0.99))),
+                median(each(&closed, "noop", &|m| m.p(0.99))),
+                diff.show(0, " µs", true)
+            );
+        }
+        if let Some(ratio) = paired(closed1, p, &throughput) {
+            println!(
+                "| {p}: throughput, 1 conn x 1 in flight | {:.0}/s | {:.0}/s | {} | (info) | |",
+                median(each(closed1, p, &Measurement::throughput)),
+                median(each(closed1, "noop", &Measurement::throughput)),
+                ratio.show(2, "x", false)
+            );
+        }
+        if let Some(diff) = paired(closed1, p, &|m, b| m.p(0.5) - b.p(0.5)) {
+            println!(
+                "| {p}: p50 latency, 1 conn x 1 in flight | {:.0} µs | {:.0} µs | {} | (info) | |",
+                median(each(closed1, p, &|m| m.p(0.5))),
+                median(each(closed1, "noop", &|m| m.p(0.5))),
+                diff.show(0, " µs", true)
             );
         }
         for &rate in &args.rates {
             let name = format!("open loop {rate}/s");
-            if let (Some(m), Some(b)) = (find(&name, p), find(&name, "noop")) {
-                let diff = m.p(0.99) - b.p(0.99);
-                let target = if rate >= 1000 {
-                    "<= +100 µs"
+            if let Some(diff) = paired(&name, p, &p99) {
+                let (target, met) = if rate >= 1000 {
+                    ("<= +100 µs", yes(diff.median <= 100.0))
                 } else {
-                    "(info)"
+                    ("(info)", "")
                 };
-                let met = if rate >= 1000 { yes(diff <= 100.0) } else { "" };
                 println!(
-                    "| {p}: p99 open loop {rate}/s (p50 {:.0} vs {:.0}) | {:.0} µs | {:.0} µs | {:+.0} µs | {target} | {met} |",
-                    m.p(0.5),
-                    b.p(0.5),
-                    m.p(0.99),
-                    b.p(0.99),
-                    diff
+                    "| {p}: p99 open loop {rate}/s (p50 {:.0} vs {:.0}) | {:.0} µs | {:.0} µs | {} | {target} | {met} |",
+                    median(each(&name, p, &|m| m.p(0.5))),
+                    median(each(&name, "noop", &|m| m.p(0.5))),
+                    median(each(&name, p, &|m| m.p(0.99))),
+                    median(each(&name, "noop", &|m| m.p(0.99))),
+                    diff.show(0, " µs", true)
                 );
             }
         }
-        let cold_name = format!(
-            "closed loop, {} conn x {} in flight, cold",
-            args.connections, args.concurrency
-        );
-        if let (Some(m), Some(b)) = (find(&cold_name, p), find(&closed, "noop")) {
-            let added = m.server_us_per_call() - b.server_us_per_call();
-            let ratio = added / (raw_decode * 1e6);
+        let added = |m: &Measurement, b: &Measurement| {
+            (m.server_us_per_call() - b.server_us_per_call()) / (raw_decode * 1e6)
+        };
+        if let Some(ratio) = paired(&cold, p, &added) {
             println!(
-                "| {p}: server CPU a cold Check adds over the no-op | {:.1} µs | raw decode {:.1} µs | {:.2}x | <= 1.2x | {} |",
-                added,
+                "| {p}: server CPU a cold Check adds over the no-op (hot, same round) | {:.1} µs | raw decode {:.1} µs | {} | <= 1.2x | {} |",
+                median(paired(&cold, p, &|m, b| m.server_us_per_call()
+                    - b.server_us_per_call())),
                 raw_decode * 1e6,
-                ratio,
-                yes(ratio <= 1.2)
+                ratio.show(2, "x", false),
+                yes(ratio.median <= 1.2)
             );
             println!(
-                "| {p}: throughput, cold | {:.0}/s | {:.0}/s (hot) | {:.2}x | (info) | |",
-                m.throughput(),
-                b.throughput(),
-                m.throughput() / b.throughput()
+                "| {p}: throughput, cold | {:.0}/s | {:.0}/s (hot) | {} | (info) | |",
+                median(each(&cold, p, &Measurement::throughput)),
+                median(each(&cold, "noop", &Measurement::throughput)),
+                paired(&cold, p, &throughput).map_or_else(String::new, |r| r.show(2, "x", false))
             );
+            let cached: u64 = of(&cold, p).iter().map(|r| r.m.stats.allowed()).sum();
             println!(
-                "| {p}: server RSS after the cold run ({} tokens cached) | {:.1} MiB | {:.1} MiB | | (info) | |",
-                m.stats.allowed().min(args.token_cache_entries as u64),
-                m.rss_kib as f64 / 1024.0,
-                b.rss_kib as f64 / 1024.0
+                "| {p}: server RSS after the cold runs ({} tokens cached) | {:.1} MiB | {:.1} MiB | | (info) | |",
+                cached.min(args.token_cache_entries as u64),
+                of(&cold, p)
+                    .last()
+                    .map_or(0.0, |r| r.m.rss_kib as f64 / 1024.0),
+                of(&cold, "noop")
+                    .last()
+                    .map_or(0.0, |r| r.m.rss_kib as f64 / 1024.0)
             );
         }
     }
     envoy_summary(args, rows);
-    if let (Some(b), Some(p)) = (
-        find(&closed, "noop"),
-        products.first().and_then(|p| find(&closed, p)),
-    ) {
+    if let Some(first) = products.first() {
         println!(
             "| load generator CPU per call (closed loop, hot) | {:.1} µs | {:.1} µs | | (info) | |",
-            p.client_us_per_call(),
-            b.client_us_per_call()
+            median(each(&closed, first, &Measurement::client_us_per_call)),
+            median(each(&closed, "noop", &Measurement::client_us_per_call))
         );
     }
 }
@@ -1573,6 +1675,7 @@ async fn envoy_scenarios(
                 let row = Row {
                     scenario: format!("envoy {load} {route}"),
                     target: t.name.clone(),
+                    round: 0,
                     m: Measurement {
                         elapsed,
                         // All of the target's CPU is the ext_authz route's: the other never reaches it.
