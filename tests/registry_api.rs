@@ -399,3 +399,459 @@ async fn changes_are_durable_and_a_new_tenant_is_trusted_by_its_first_entry() {
     );
     running.shutdown().await;
 }
+
+/// A decision for `token` on `method path` with extra request headers.
+async fn decide_on(
+    authz: &mut AuthorizerClient<Channel>,
+    token: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> pb::DecideResponse {
+    authz
+        .decide(DecideRequest {
+            token: token.to_owned(),
+            context: Some(pb::RequestContext {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn role(name: &str, operations: &[pb::Operation], act_on_behalf: bool) -> pb::SecurityRole {
+    pb::SecurityRole {
+        name: name.to_owned(),
+        privileges: vec![pb::Privilege {
+            resource: "orders".to_owned(),
+            operations: operations.iter().map(|o| *o as i32).collect(),
+        }],
+        act_on_behalf,
+        ..Default::default()
+    }
+}
+
+fn route(method: &str, path: &str, operation: pb::Operation) -> pb::CreateRouteRequest {
+    pb::CreateRouteRequest {
+        route: Some(pb::Route {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            resource: "orders".to_owned(),
+            operation: operation as i32,
+            ..Default::default()
+        }),
+    }
+}
+
+#[track_caller]
+fn assert_decision(r: &pb::DecideResponse, expected: Option<DenyReason>, what: &str) {
+    match expected {
+        None => assert!(r.allowed, "{what}: expected allow, got {r:?}"),
+        Some(reason) => {
+            assert!(!r.allowed, "{what}: expected {reason:?}, got an allow");
+            assert_eq!(r.reason(), reason, "{what}: {}", r.message);
+        }
+    }
+}
+
+/// Every Registry call of every resource kind (Create, Get, List with paging, Update, Delete) with its
+/// error codes, and the decisions that routes, roles and users drive changing at the very next call.
+#[tokio::test]
+async fn every_registry_call_and_live_routes_roles_and_impersonation() {
+    use pb::Operation::{Create, Delete, Read, Write};
+    const USER: &str = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";
+    let dir = tempfile::tempdir().unwrap();
+    let (running, mut admin, mut authz) = start(dir.path()).await;
+    let dev = running.dev_issuer.as_ref().unwrap();
+    let (tenant, stranger) = client(STRANGER, TENANT);
+    let token = dev.mint_app_token(&tenant, &stranger, AUDIENCE).unwrap();
+
+    // Security roles: create, duplicate, get, missing.
+    let app_role = admin
+        .create_security_role(pb::CreateSecurityRoleRequest {
+            security_role: Some(role("Stranger Role", &[Read, Write], false)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let reader = admin
+        .create_security_role(pb::CreateSecurityRoleRequest {
+            security_role: Some(role("Reader Only", &[Read], false)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let again = pb::CreateSecurityRoleRequest {
+        security_role: Some(role("Reader Only", &[Read], false)),
+    };
+    assert_eq!(
+        code(admin.create_security_role(again).await).0,
+        Code::AlreadyExists
+    );
+    let got = admin
+        .get_security_role(pb::GetRequest {
+            key: "Reader Only".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, reader);
+    let missing = pb::GetRequest {
+        key: "No Such Role".to_owned(),
+    };
+    assert_eq!(
+        code(admin.get_security_role(missing).await).0,
+        Code::NotFound
+    );
+    let roles = admin
+        .list_security_roles(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for name in ["Orders Integration", "Reader Only", "Stranger Role"] {
+        assert!(
+            roles.security_roles.iter().any(|r| r.name == name),
+            "{name}"
+        );
+    }
+
+    // The app entry and the application user created with it.
+    let entry = admin
+        .create_app_entry(stranger_entry())
+        .await
+        .unwrap()
+        .into_inner();
+    let got = admin
+        .get_app_entry(pb::GetRequest {
+            key: "stranger".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, entry);
+    let mut managed = stranger_entry();
+    let managed_entry = managed.entry.as_mut().unwrap();
+    managed_entry.name = "stranger-mi".to_owned();
+    managed_entry.kind = pb::AppEntryKind::ManagedIdentity as i32;
+    managed_entry.client_app_id = String::new();
+    managed_entry.object_id = stranger.object_id.clone();
+    let managed_created = admin
+        .create_app_entry(managed.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    managed.entry.as_mut().unwrap().name = "stranger-mi-again".to_owned();
+    let (c, msg) = code(admin.create_app_entry(managed).await);
+    assert_eq!(c, Code::AlreadyExists, "same (tenant, object id): {msg}");
+    admin
+        .delete_app_entry(pb::DeleteRequest {
+            key: managed_created.name,
+            etag: managed_created.etag,
+        })
+        .await
+        .unwrap();
+
+    let users = admin
+        .list_application_users(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let app_user = users
+        .application_users
+        .into_iter()
+        .find(|u| u.app_entry == "stranger")
+        .unwrap();
+    assert_eq!(app_user.security_role, "Stranger Role");
+    let got = admin
+        .get_application_user(pb::GetRequest {
+            key: app_user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, app_user);
+    let second = pb::CreateApplicationUserRequest {
+        application_user: Some(pb::ApplicationUser {
+            name: "a second one".to_owned(),
+            app_entry: "stranger".to_owned(),
+            security_role: "Reader Only".to_owned(),
+            ..Default::default()
+        }),
+    };
+    assert_eq!(
+        code(admin.create_application_user(second).await).0,
+        Code::AlreadyExists,
+        "exactly one application user per entry"
+    );
+    let delete_user = pb::DeleteRequest {
+        key: app_user.id.clone(),
+        etag: app_user.etag.clone(),
+    };
+    assert_eq!(
+        code(admin.delete_application_user(delete_user).await).0,
+        Code::FailedPrecondition,
+        "an application user goes with its entry"
+    );
+    let r = decide_on(&mut authz, &token, "POST", "/orders", &[]).await;
+    assert_decision(&r, None, "no route table: the role is only reported");
+    assert_eq!(r.security_role.unwrap().name, "Stranger Role");
+
+    // Routes: ids assigned on create; with any route, an unmatched request is denied.
+    let read_route = admin
+        .create_route(route("GET", "/orders", Read))
+        .await
+        .unwrap()
+        .into_inner();
+    let create_route = admin
+        .create_route(route("POST", "/orders", Create))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!read_route.id.is_empty() && read_route.id != create_route.id);
+    let got = admin
+        .get_route(pb::GetRequest {
+            key: create_route.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, create_route);
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_routes(pb::ListRequest {
+                page_size: 1,
+                page_token: page_token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.routes.len() <= 1);
+        ids.extend(page.routes.into_iter().map(|r| r.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    ids.sort();
+    let mut expected = vec![read_route.id.clone(), create_route.id.clone()];
+    expected.sort();
+    assert_eq!(ids, expected, "paging returns every route once");
+    let bad_route = route("GET", "no-leading-slash", Read);
+    assert_eq!(
+        code(admin.create_route(bad_route).await).0,
+        Code::InvalidArgument
+    );
+
+    let r = decide_on(&mut authz, &token, "GET", "/orders/42?x=1", &[]).await;
+    assert_decision(&r, None, "read route, role grants read");
+    let r = decide_on(&mut authz, &token, "POST", "/orders", &[]).await;
+    assert_decision(
+        &r,
+        Some(DenyReason::PrivilegeMissing),
+        "create route, role lacks create",
+    );
+    let r = decide_on(&mut authz, &token, "GET", "/invoices", &[]).await;
+    assert_decision(
+        &r,
+        Some(DenyReason::PrivilegeMissing),
+        "no route matches while routes exist",
+    );
+
+    // Updating the role grants create at the next decision; a stale etag is refused.
+    let mut granted = app_role.clone();
+    granted.privileges[0].operations.push(Create as i32);
+    let mut stale = granted.clone();
+    stale.etag = "999999".to_owned();
+    assert_eq!(
+        code(
+            admin
+                .update_security_role(pb::UpdateSecurityRoleRequest {
+                    security_role: Some(stale)
+                })
+                .await
+        )
+        .0,
+        Code::Aborted
+    );
+    let app_role = admin
+        .update_security_role(pb::UpdateSecurityRoleRequest {
+            security_role: Some(granted),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = decide_on(&mut authz, &token, "POST", "/orders", &[]).await;
+    assert_decision(&r, None, "role now grants create");
+
+    // Updating the route to need delete denies again.
+    let mut needs_delete = create_route.clone();
+    needs_delete.operation = Delete as i32;
+    let needs_delete = admin
+        .update_route(pb::UpdateRouteRequest {
+            route: Some(needs_delete),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = decide_on(&mut authz, &token, "POST", "/orders", &[]).await;
+    assert_decision(
+        &r,
+        Some(DenyReason::PrivilegeMissing),
+        "route now needs delete",
+    );
+
+    // Users and impersonation.
+    let user = admin
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                object_id: USER.to_owned(),
+                name: "Dana".to_owned(),
+                security_role: "Reader Only".to_owned(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = admin
+        .get_user(pb::GetRequest {
+            key: USER.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, user);
+    let listed = admin
+        .list_users(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.users.iter().any(|u| u.object_id == USER));
+    let orphan = pb::CreateUserRequest {
+        user: Some(pb::User {
+            object_id: "b1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d".to_owned(),
+            name: "Eve".to_owned(),
+            security_role: "No Such Role".to_owned(),
+            ..Default::default()
+        }),
+    };
+    assert_eq!(
+        code(admin.create_user(orphan).await).0,
+        Code::FailedPrecondition,
+        "a user's role must exist"
+    );
+    let on_behalf = [("callerobjectid", USER)];
+    let r = decide_on(&mut authz, &token, "GET", "/orders", &on_behalf).await;
+    assert_decision(
+        &r,
+        Some(DenyReason::ImpersonationNotAllowed),
+        "the application user's role may not act on behalf",
+    );
+    let mut delegate = app_role.clone();
+    delegate.act_on_behalf = true;
+    admin
+        .update_security_role(pb::UpdateSecurityRoleRequest {
+            security_role: Some(delegate),
+        })
+        .await
+        .unwrap();
+    let r = decide_on(&mut authz, &token, "GET", "/orders", &on_behalf).await;
+    assert_decision(&r, None, "impersonation allowed once the role may");
+    assert_eq!(r.effective_user_object_id, USER);
+
+    // Effective privileges are the intersection: the app may write, the user may only read.
+    let mut write_route = needs_delete.clone();
+    write_route.operation = Write as i32;
+    let write_route = admin
+        .update_route(pb::UpdateRouteRequest {
+            route: Some(write_route),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = decide_on(&mut authz, &token, "POST", "/orders", &[]).await;
+    assert_decision(&r, None, "the app alone may write");
+    let r = decide_on(&mut authz, &token, "POST", "/orders", &on_behalf).await;
+    assert_decision(
+        &r,
+        Some(DenyReason::PrivilegeMissing),
+        "the user may not write",
+    );
+    let mut promoted = user.clone();
+    promoted.security_role = "Stranger Role".to_owned();
+    let promoted = admin
+        .update_user(pb::UpdateUserRequest {
+            user: Some(promoted),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = decide_on(&mut authz, &token, "POST", "/orders", &on_behalf).await;
+    assert_decision(&r, None, "the user's new role may write");
+    let ghost = pb::UpdateUserRequest {
+        user: Some(pb::User {
+            object_id: "c1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d".to_owned(),
+            name: "Ghost".to_owned(),
+            security_role: "Reader Only".to_owned(),
+            etag: "999999".to_owned(),
+            ..Default::default()
+        }),
+    };
+    assert_eq!(code(admin.update_user(ghost).await).0, Code::NotFound);
+    admin
+        .delete_user(pb::DeleteRequest {
+            key: USER.to_owned(),
+            etag: promoted.etag,
+        })
+        .await
+        .unwrap();
+    let r = decide_on(&mut authz, &token, "GET", "/orders", &on_behalf).await;
+    assert_decision(
+        &r,
+        Some(DenyReason::ImpersonationNotAllowed),
+        "a deleted user cannot be impersonated",
+    );
+
+    // Deleting the routes (a stale etag first) lifts route enforcement.
+    let stale_delete = pb::DeleteRequest {
+        key: read_route.id.clone(),
+        etag: "999999".to_owned(),
+    };
+    assert_eq!(
+        code(admin.delete_route(stale_delete).await).0,
+        Code::Aborted
+    );
+    for (id, etag) in [
+        (read_route.id, read_route.etag),
+        (write_route.id, write_route.etag),
+    ] {
+        admin
+            .delete_route(pb::DeleteRequest { key: id, etag })
+            .await
+            .unwrap();
+    }
+    let r = decide_on(&mut authz, &token, "DELETE", "/invoices", &[]).await;
+    assert_decision(&r, None, "no routes left");
+
+    // An unused role can be deleted; then it is gone.
+    admin
+        .delete_security_role(pb::DeleteRequest {
+            key: "Reader Only".to_owned(),
+            etag: reader.etag,
+        })
+        .await
+        .unwrap();
+    let gone = pb::GetRequest {
+        key: "Reader Only".to_owned(),
+    };
+    assert_eq!(code(admin.get_security_role(gone).await).0, Code::NotFound);
+    running.shutdown().await;
+}
