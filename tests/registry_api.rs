@@ -100,6 +100,34 @@ fn stranger_entry() -> pb::CreateAppEntryRequest {
     }
 }
 
+/// Every item of a List call, fetched one per page through `next_page_token`.
+macro_rules! page_through {
+    ($admin:expr, $call:ident, $items:ident) => {{
+        let mut items = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = $admin
+                .$call(pb::ListRequest {
+                    page_size: 1,
+                    page_token: page_token.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                page.$items.len() <= 1,
+                "a page holds at most page_size items"
+            );
+            items.extend(page.$items);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        items
+    }};
+}
+
 fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
     let e = r.expect_err("expected an error");
     (e.code(), e.message().to_owned())
@@ -297,24 +325,10 @@ async fn changes_reach_the_next_decision_and_errors_have_the_right_codes() {
     );
 
     // Listing pages through everything exactly once.
-    let mut names = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = admin
-            .list_app_entries(pb::ListRequest {
-                page_size: 1,
-                page_token: token.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.app_entries.len() <= 1);
-        names.extend(page.app_entries.into_iter().map(|e| e.name));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let names: Vec<String> = page_through!(admin, list_app_entries, app_entries)
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert_eq!(
         names,
         ["billing-service", "legacy-reports", "orders-service"]
@@ -622,24 +636,10 @@ async fn every_registry_call_and_live_routes_roles_and_impersonation() {
         .unwrap()
         .into_inner();
     assert_eq!(got, create_route);
-    let mut ids = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = admin
-            .list_routes(pb::ListRequest {
-                page_size: 1,
-                page_token: page_token.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.routes.len() <= 1);
-        ids.extend(page.routes.into_iter().map(|r| r.id));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+    let mut ids: Vec<String> = page_through!(admin, list_routes, routes)
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     ids.sort();
     let mut expected = vec![read_route.id.clone(), create_route.id.clone()];
     expected.sort();
