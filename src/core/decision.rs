@@ -555,14 +555,11 @@ pub fn verify(
     }
     trace.pass(Check::Key, || pre.kid().unwrap_or("(no kid)").to_owned());
 
-    let valid = jsonwebtoken::crypto::verify(
-        pre.token.signature,
-        pre.token.signing_input.as_bytes(),
-        &key.key,
+    if !key.verifies(
         pre.alg,
-    )
-    .unwrap_or(false);
-    if !valid {
+        pre.token.signing_input.as_bytes(),
+        pre.token.signature,
+    ) {
         return fail(
             trace,
             Check::Signature,

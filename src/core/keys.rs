@@ -4,8 +4,11 @@
 //! used to verify a signature (encryption keys, symmetric keys, unknown types, malformed members) are
 //! skipped, not fatal: one odd key must not take an issuer's other keys down with it.
 
+use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -19,6 +22,9 @@ pub struct VerifyingKey {
     pub alg: Option<Algorithm>,
     pub family: AlgorithmFamily,
     pub key: DecodingKey,
+    /// The key parsed once for RS256, which is what Entra signs with: verifying through `DecodingKey`
+    /// rebuilds the RSA key from `n` and `e` (and clones them) on every call.
+    rs256: Option<ParsedPublicKey>,
 }
 
 impl std::fmt::Debug for VerifyingKey {
@@ -36,6 +42,23 @@ impl VerifyingKey {
     /// `alg` (when the JWKS names one) equal. This is what defeats RS/HS confusion even if HMAC were allowed.
     pub fn accepts(&self, alg: Algorithm) -> bool {
         alg.family() == self.family && self.alg.is_none_or(|pinned| pinned == alg)
+    }
+
+    /// Whether `signature` (base64url, as in the token) signs `message` under `alg` with this key. The
+    /// caller has checked `accepts(alg)`. Any failure, including an undecodable signature, is `false`.
+    pub fn verifies(&self, alg: Algorithm, message: &[u8], signature: &str) -> bool {
+        match (&self.rs256, alg) {
+            (Some(parsed), Algorithm::RS256) => {
+                // An RSA signature is as long as the modulus: at most 1024 bytes for the 8192-bit keys
+                // the algorithm allows, so anything that does not fit is not a valid signature.
+                let mut buf = [0u8; 1024];
+                match URL_SAFE_NO_PAD.decode_slice(signature, &mut buf) {
+                    Ok(len) => parsed.verify_sig(message, &buf[..len]).is_ok(),
+                    Err(_) => false,
+                }
+            }
+            _ => jsonwebtoken::crypto::verify(signature, message, &self.key, alg).unwrap_or(false),
+        }
     }
 }
 
@@ -132,11 +155,22 @@ fn usable_key(entry: &Value) -> Option<VerifyingKey> {
         return None;
     }
     let key = DecodingKey::from_jwk(&jwk).ok()?;
+    let rs256 = match key.kind() {
+        DecodingKeyKind::RsaModulusExponent { n, e }
+            if alg.is_none_or(|a| a == Algorithm::RS256) =>
+        {
+            RsaPublicKeyComponents { n, e }
+                .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
+                .ok()
+        }
+        _ => None,
+    };
     Some(VerifyingKey {
         kid: jwk.common.key_id.clone(),
         alg,
         family,
         key,
+        rs256,
     })
 }
 
@@ -172,6 +206,59 @@ mod tests {
         assert!(key.accepts(Algorithm::RS256));
         assert!(!key.accepts(Algorithm::RS384));
         assert!(!key.accepts(Algorithm::HS256));
+    }
+
+    /// The pre-parsed RS256 path and jsonwebtoken's generic path agree on good, tampered, truncated,
+    /// oversized and undecodable signatures.
+    #[test]
+    fn the_parsed_rs256_key_verifies_exactly_like_jsonwebtoken() {
+        use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
+        use aws_lc_rs::signature::RSA_PKCS1_SHA256;
+        let pair = KeyPair::generate(KeySize::Rsa2048).unwrap();
+        let public =
+            PublicKeyComponents::<Vec<u8>>::from(aws_lc_rs::signature::KeyPair::public_key(&pair));
+        let doc = serde_json::json!({"keys": [{"kty": "RSA", "kid": "k",
+            "n": URL_SAFE_NO_PAD.encode(&public.n), "e": URL_SAFE_NO_PAD.encode(&public.e)}]});
+        let set = KeySet::parse(doc.to_string().as_bytes()).unwrap();
+        let key = set.find(Some("k")).unwrap();
+        assert!(
+            key.rs256.is_some(),
+            "an RSA key without `alg` is parsed for RS256"
+        );
+        let message = b"header.claims";
+        let mut raw = vec![0; pair.public_modulus_len()];
+        pair.sign(
+            &RSA_PKCS1_SHA256,
+            &aws_lc_rs::rand::SystemRandom::new(),
+            message,
+            &mut raw,
+        )
+        .unwrap();
+        let good = URL_SAFE_NO_PAD.encode(&raw);
+        let mut flipped = raw.clone();
+        flipped[10] ^= 1;
+        let cases = [
+            (good.clone(), true),
+            (URL_SAFE_NO_PAD.encode(&flipped), false),
+            (URL_SAFE_NO_PAD.encode(&raw[..raw.len() - 1]), false),
+            (URL_SAFE_NO_PAD.encode(vec![7u8; 2048]), false),
+            ("not base64!".to_owned(), false),
+            (String::new(), false),
+        ];
+        for (signature, expected) in cases {
+            let generic =
+                jsonwebtoken::crypto::verify(&signature, message, &key.key, Algorithm::RS256)
+                    .unwrap_or(false);
+            assert_eq!(generic, expected, "jsonwebtoken on {signature:.20}");
+            assert_eq!(
+                key.verifies(Algorithm::RS256, message, &signature),
+                expected,
+                "parsed key on {signature:.20}"
+            );
+        }
+        // Another message with the right signature, and another algorithm, do not verify.
+        assert!(!key.verifies(Algorithm::RS256, b"header.claimz", &good));
+        assert!(!key.verifies(Algorithm::RS384, message, &good));
     }
 
     #[test]
