@@ -654,7 +654,8 @@ pub fn authenticate(
             trace,
             Check::Lifetime,
             DenyReason::TokenExpired,
-            format!("token expired {} s ago", now - claims.exp),
+            // Saturating: `exp` is whatever the issuer signed, down to `i64::MIN`.
+            format!("token expired {} s ago", now.saturating_sub(claims.exp)),
         ));
     }
     if let Some(nbf) = claims.nbf
@@ -664,7 +665,7 @@ pub fn authenticate(
             trace,
             Check::Lifetime,
             DenyReason::TokenNotYetValid,
-            format!("token is valid only in {} s", nbf - now),
+            format!("token is valid only in {} s", nbf.saturating_sub(now)),
         ));
     }
     trace.pass(Check::Lifetime, || format!("expires at {}", claims.exp));

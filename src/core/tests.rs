@@ -542,6 +542,16 @@ fn every_case_decides_as_expected() {
             Err(DenyReason::TokenExpired),
         ),
         case(
+            "exp at the bottom of i64 (the message must not overflow)",
+            sign(&with(v2.clone(), json!({"exp": i64::MIN}))),
+            Err(DenyReason::TokenExpired),
+        ),
+        case(
+            "nbf at the top of i64",
+            sign(&with(v2.clone(), json!({"nbf": i64::MAX}))),
+            Err(DenyReason::TokenNotYetValid),
+        ),
+        case(
             "not yet valid beyond skew",
             sign(&with(v2.clone(), json!({"nbf": NOW + 301}))),
             Err(DenyReason::TokenNotYetValid),
