@@ -532,6 +532,12 @@ fn every_case_decides_as_expected() {
             Err(DenyReason::KeyNotFound),
         ),
         case(
+            // 343 characters end in two bits that must be zero and are not: not base64url.
+            "signature segment not canonical base64url",
+            format!("{}x", sign(&v2)),
+            Err(DenyReason::TokenMalformed),
+        ),
+        case(
             "tampered payload",
             tampered,
             Err(DenyReason::SignatureInvalid),
@@ -755,14 +761,20 @@ fn caller_is_reported_only_once_the_signature_is_verified() {
     assert_eq!(caller.token_version.as_deref(), Some("2.0"));
     assert_eq!(caller.expires_at, NOW + 3600);
 
+    // One signature byte flipped, re-encoded so that the segment stays canonical base64url.
+    let token = sign(&v2);
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    sig[0] ^= 1;
     let (bad_sig, _) = run(&case(
         "x",
-        format!("{}x", sign(&v2)),
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig)),
         Err(DenyReason::SignatureInvalid),
     ));
     let Decision::Deny(d) = bad_sig else {
         panic!("expected deny")
     };
+    assert_eq!(d.reason, DenyReason::SignatureInvalid);
     assert_eq!(d.caller, None);
 }
 
