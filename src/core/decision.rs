@@ -478,7 +478,7 @@ fn trust_issuer(claims: &Claims, trust: &TrustSnapshot) -> Result<Arc<TrustedIss
                 let tid_matches = claims
                     .tid
                     .as_deref()
-                    .is_some_and(|tid| TenantId::new(tid) == issuer.tenant);
+                    .is_some_and(|tid| TenantId::from_token(tid) == issuer.tenant);
                 if !tid_matches {
                     return Err(Box::new(Denied::new(
                         DenyReason::IssuerNotTrusted,
@@ -609,19 +609,19 @@ fn identify(claims: &Claims, issuer: &TrustedIssuer) -> Result<AppClaims, token:
             boxed(&claims.custom_roles(&p.roles_claim)?),
         ),
     };
-    let client_app_id = app.map(ClientAppId::new);
+    let client_app_id = app.map(ClientAppId::from_token);
     let app_only = AppOnlyEvidence {
         idtyp_is_app: claims.idtyp.as_deref().map(|t| t == "app"),
         has_scp: claims.scp.is_some(),
         oid_is_sub: matches!((&claims.oid, &claims.sub), (Some(oid), Some(sub)) if oid == sub),
         sub_is_client_app_id: match (claims.sub.as_deref(), &client_app_id) {
-            (Some(sub), Some(app)) => ClientAppId::new(sub) == *app,
+            (Some(sub), Some(app)) => ClientAppId::from_token(sub) == *app,
             _ => false,
         },
     };
     Ok(AppClaims {
         client_app_id,
-        object_id: oid.map(ObjectId::new),
+        object_id: oid.map(ObjectId::from_token),
         token_version: claims.ver.as_deref().map(Box::from),
         audiences: boxed(&claims.aud),
         roles,

@@ -3,15 +3,22 @@
 //! Entra identifiers are GUIDs, compared case-insensitively; they are normalised to lower case on
 //! construction. Generic OIDC issuers use arbitrary strings (an issuer URL as the tenant, a `client_id`
 //! as the application id), which are kept exactly as given.
+//!
+//! Configured values (`new`) are trimmed, forgiving stray whitespace in a YAML file or a variable.
+//! Values read from a token (`from_token`) never are: a signed ` {guid}` or `orders-cli ` is not the
+//! identity it resembles, and trimming it would let one caller pass for another.
 
 use std::fmt;
 
 fn normalise(raw: &str) -> String {
-    let trimmed = raw.trim();
-    if is_guid(trimmed) {
-        trimmed.to_ascii_lowercase()
+    exact(raw.trim())
+}
+
+fn exact(raw: &str) -> String {
+    if is_guid(raw) {
+        raw.to_ascii_lowercase()
     } else {
-        trimmed.to_owned()
+        raw.to_owned()
     }
 }
 
@@ -45,8 +52,14 @@ macro_rules! id_type {
         }
 
         impl $name {
+            /// A configured value: trimmed, GUIDs lower-cased.
             pub fn new(raw: &str) -> Self {
                 Self(normalise(raw))
+            }
+
+            /// A value from a token's claims: GUIDs lower-cased, nothing trimmed.
+            pub fn from_token(raw: &str) -> Self {
+                Self(exact(raw))
             }
 
             pub fn as_str(&self) -> &str {
@@ -93,6 +106,27 @@ mod tests {
             "https://Issuer.example/"
         );
         assert!(!is_guid("aaaaaaaa-0000-4000-8000-00000000000"));
+    }
+
+    #[test]
+    fn configured_values_are_trimmed_token_values_are_not() {
+        let guid = "aaaaaaaa-0000-4000-8000-00000000000a";
+        assert_eq!(
+            ClientAppId::new(&format!(" {guid} ")),
+            ClientAppId::new(guid)
+        );
+        assert_ne!(
+            ClientAppId::from_token(&format!(" {guid}")),
+            ClientAppId::new(guid)
+        );
+        assert_ne!(
+            ClientAppId::from_token("orders-cli "),
+            ClientAppId::new("orders-cli")
+        );
+        assert_eq!(
+            TenantId::from_token(&guid.to_ascii_uppercase()),
+            TenantId::new(guid)
+        );
         assert!(!is_guid("aaaaaaaa_0000-4000-8000-00000000000a"));
     }
 }

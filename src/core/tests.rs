@@ -500,6 +500,12 @@ fn every_case_decides_as_expected() {
             Err(DenyReason::IssuerNotTrusted),
         ),
         case(
+            // Identifiers from a token are compared as signed, never trimmed.
+            "tid with a trailing space",
+            sign(&with(v2.clone(), json!({"tid": format!("{TENANT} ")}))),
+            Err(DenyReason::IssuerNotTrusted),
+        ),
+        case(
             "other tenant's issuer",
             sign(&with(
                 v2.clone(),
@@ -605,6 +611,24 @@ fn every_case_decides_as_expected() {
                 json!({"azp": "88888888-3d4e-4f5a-8b6c-7d8e9f0a1b2c"}),
             )),
             Err(DenyReason::ApplicationNotAllowed),
+        ),
+        case(
+            "azp with a leading space is another application",
+            sign(&with(v2.clone(), json!({"azp": format!(" {APP}")}))),
+            Err(DenyReason::ApplicationNotAllowed),
+        ),
+        case(
+            "oid with a leading space is not the managed identity",
+            sign(&with(
+                v2.clone(),
+                json!({"azp": "77777777-3d4e-4f5a-8b6c-7d8e9f0a1b2c", "oid": format!(" {MI_OID}"), "sub": format!(" {MI_OID}"), "roles": null}),
+            )),
+            Err(DenyReason::ApplicationNotAllowed),
+        ),
+        case(
+            "an upper-case azp is the same GUID",
+            sign(&with(v2.clone(), json!({"azp": APP.to_ascii_uppercase()}))),
+            Ok("orders"),
         ),
         case(
             "v1 token's appid decides, not azp",

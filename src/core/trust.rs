@@ -85,7 +85,7 @@ impl TrustSnapshot {
     /// Whether a token naming this tenant or issuer would be trusted once discovery succeeds.
     pub fn is_pending(&self, tid: Option<&str>, iss: &str) -> bool {
         self.pending_issuers.contains(iss)
-            || tid.is_some_and(|t| self.pending_tenants.contains(&TenantId::new(t)))
+            || tid.is_some_and(|t| self.pending_tenants.contains(&TenantId::from_token(t)))
     }
 
     pub fn issuers(&self) -> impl Iterator<Item = &Arc<TrustedIssuer>> {
