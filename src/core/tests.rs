@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
+mod properties;
+
 const TENANT: &str = "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
 const OTHER_TENANT: &str = "aaaaaaaa-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
 const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";

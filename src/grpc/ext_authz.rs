@@ -486,6 +486,197 @@ mod tests {
         )));
     }
 
+    mod properties {
+        //! The adapter's conversions on arbitrary input: whatever Envoy (or anything speaking its
+        //! protocol) sends, the headers come out lower-cased, only a `Bearer` credential is a token,
+        //! and every decision becomes a well-formed `CheckResponse`.
+        use super::*;
+        use crate::core::ids::{ClientAppId, ObjectId, TenantId};
+        use crate::proto::envoy::config::core::v3::{HeaderMap, HeaderValue};
+        use proptest::prelude::*;
+        use proptest::sample::select;
+
+        fn arb_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                select(vec![
+                    "authorization",
+                    "Authorization",
+                    "AUTHORIZATION",
+                    "x-s2s-tenant-id",
+                    "X-S2S-Security-Role",
+                    "x-s2s-deny-reason",
+                    "x-s2s-made-up",
+                    "clienttype",
+                    "callerobjectid",
+                ])
+                .prop_map(str::to_owned),
+                ".{0,12}",
+            ]
+        }
+
+        fn arb_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                select(vec![
+                    "Bearer ",
+                    "bearer a.b.c",
+                    "Basic dXNlcg==",
+                    "Bearer\ta.b.c",
+                    " BEARER  x "
+                ])
+                .prop_map(str::to_owned),
+                ".{0,24}",
+            ]
+        }
+
+        /// An HTTP request as Envoy may send it: a header map, or raw headers (possibly repeated,
+        /// with values that are not UTF-8), or both.
+        fn arb_http() -> impl Strategy<Value = pb::attribute_context::HttpRequest> {
+            let raw = (
+                arb_name(),
+                arb_value(),
+                prop::option::of(prop::collection::vec(any::<u8>(), 0..24)),
+            )
+                .prop_map(|(key, value, raw_value)| match raw_value {
+                    Some(raw_value) => HeaderValue {
+                        key,
+                        value: String::new(),
+                        raw_value,
+                    },
+                    None => HeaderValue {
+                        key,
+                        value,
+                        raw_value: Vec::new(),
+                    },
+                });
+            (
+                prop::collection::hash_map(arb_name(), arb_value(), 0..6),
+                prop::option::of(prop::collection::vec(raw, 0..6)),
+                ".{0,8}",
+                ".{0,24}",
+            )
+                .prop_map(|(headers, raw, method, path)| {
+                    pb::attribute_context::HttpRequest {
+                        headers,
+                        header_map: raw.map(|headers| HeaderMap { headers }),
+                        method,
+                        path,
+                        ..Default::default()
+                    }
+                })
+        }
+
+        fn arb_decision() -> impl Strategy<Value = Decision> {
+            let id = || prop::option::of(".{0,12}");
+            prop_oneof![
+                (select(DenyReason::ALL.to_vec()), ".{0,16}").prop_map(|(reason, message)| {
+                    Decision::deny(reason, format!("message: {message}"))
+                }),
+                (id(), id(), ".{0,12}", ".{0,12}", ".{0,12}", id()).prop_map(
+                    |(app, oid, user_id, user_name, role, effective)| {
+                        Decision::Allow(Box::new(crate::core::Allowed {
+                            caller: crate::core::Caller {
+                                tenant_id: TenantId::new("3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b"),
+                                client_app_id: app.as_deref().map(ClientAppId::new),
+                                object_id: oid.as_deref().map(ObjectId::new),
+                                token_version: Some("2.0".to_owned()),
+                                expires_at: 1_800_000_000,
+                            },
+                            application_user_id: user_id,
+                            application_user_name: user_name,
+                            entry_name: "entry".to_owned(),
+                            security_role: role,
+                            effective_user: effective.as_deref().map(ObjectId::new),
+                        }))
+                    }
+                ),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_requests_convert_to_lower_case_headers_and_a_bearer_token(mut http in arb_http()) {
+                let sent_headers: Vec<String> = http.headers.keys().cloned().collect();
+                let sent_raw: Vec<String> = http
+                    .header_map
+                    .iter()
+                    .flat_map(|m| m.headers.iter().map(|h| h.key.clone()))
+                    .collect();
+                let headers = request_headers(&mut http);
+                prop_assert!(headers.keys().all(|k| !k.bytes().any(|b| b.is_ascii_uppercase())));
+                // The header map wins when present; raw headers are read only without it.
+                let expected = if sent_headers.is_empty() { sent_raw } else { sent_headers };
+                for key in expected {
+                    prop_assert!(headers.contains_key(&key.to_ascii_lowercase()), "{key:?} lost");
+                }
+                let authorization = headers.get("authorization").map(String::as_str);
+                let token = bearer(authorization);
+                if !token.is_empty() {
+                    let value = authorization.unwrap_or_default().trim();
+                    prop_assert!(value.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")));
+                    prop_assert!(value.ends_with(token));
+                    prop_assert_eq!(token, token.trim());
+                }
+            }
+
+            #[test]
+            fn every_decision_becomes_a_well_formed_check_response(
+                decision in arb_decision(),
+                sent in prop::collection::hash_map(arb_name().prop_map(|k| k.to_ascii_lowercase()), arb_value(), 0..6),
+            ) {
+                let response = check_response(&decision, &sent);
+                let code = response.status.as_ref().map(|s| s.code);
+                match (&decision, response.http_response) {
+                    (Decision::Allow(_), Some(pb::check_response::HttpResponse::OkResponse(ok))) => {
+                        prop_assert_eq!(code, Some(CODE_OK));
+                        let set: Vec<&str> = ok
+                            .headers
+                            .iter()
+                            .filter_map(|h| h.header.as_ref().map(|h| h.key.as_str()))
+                            .collect();
+                        // Every contract header is set or removed, never both; nothing the caller
+                        // sent under `x-s2s-` survives unless the sidecar set it.
+                        for name in CONTRACT_HEADERS {
+                            let removed = ok.headers_to_remove.iter().any(|r| r == name);
+                            prop_assert!(set.contains(&name) != removed, "{name}: set {set:?}, removed {:?}", ok.headers_to_remove);
+                        }
+                        for name in sent.keys().filter(|k| k.starts_with("x-s2s-")) {
+                            prop_assert!(
+                                set.contains(&name.as_str()) || ok.headers_to_remove.contains(name),
+                                "{name} kept"
+                            );
+                        }
+                    }
+                    (Decision::Deny(d), Some(pb::check_response::HttpResponse::DeniedResponse(denied))) => {
+                        let (http, grpc, _, challenge) = deny_shape(d.reason);
+                        prop_assert_eq!(code, Some(grpc));
+                        prop_assert_ne!(grpc, CODE_OK);
+                        prop_assert_eq!(denied.status.map(|s| s.code), Some(http as i32));
+                        let find = |k: &str| {
+                            denied
+                                .headers
+                                .iter()
+                                .filter_map(|h| h.header.as_ref())
+                                .find(|h| h.key == k)
+                                .map(|h| h.value.clone())
+                        };
+                        let deny_reason = find(HEADER_DENY_REASON);
+                        prop_assert_eq!(deny_reason.as_deref(), Some(d.reason.as_str()));
+                        let sent_challenge = find("www-authenticate");
+                        prop_assert_eq!(sent_challenge.as_deref(), challenge);
+                        let body: serde_json::Value = serde_json::from_str(&denied.body)
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        prop_assert_eq!(body["reason"].as_str(), Some(d.reason.as_str()));
+                        // The human message never reaches the proxy's client.
+                        prop_assert!(!denied.body.contains("message:"));
+                    }
+                    (_, other) => prop_assert!(false, "{decision:?} became {other:?}"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_header_map_is_taken_from_the_request_with_lower_case_names() {
         let mut http = pb::attribute_context::HttpRequest {
