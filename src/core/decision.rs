@@ -558,7 +558,7 @@ pub fn verify(
     if !key.verifies(
         pre.alg,
         pre.token.signing_input.as_bytes(),
-        pre.token.signature,
+        &pre.token.signature,
     ) {
         return fail(
             trace,

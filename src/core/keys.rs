@@ -4,9 +4,8 @@
 //! used to verify a signature (encryption keys, symmetric keys, unknown types, malformed members) are
 //! skipped, not fatal: one odd key must not take an issuer's other keys down with it.
 
+use super::token::SignatureSegment;
 use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
 use serde_json::Value;
@@ -44,20 +43,20 @@ impl VerifyingKey {
         alg.family() == self.family && self.alg.is_none_or(|pinned| pinned == alg)
     }
 
-    /// Whether `signature` (base64url, as in the token) signs `message` under `alg` with this key. The
-    /// caller has checked `accepts(alg)`. Any failure, including an undecodable signature, is `false`.
-    pub fn verifies(&self, alg: Algorithm, message: &[u8], signature: &str) -> bool {
+    /// Whether `signature` signs `message` under `alg` with this key. The caller has checked
+    /// `accepts(alg)`. Any failure is `false`.
+    pub fn verifies(
+        &self,
+        alg: Algorithm,
+        message: &[u8],
+        signature: &SignatureSegment<'_>,
+    ) -> bool {
         match (&self.rs256, alg) {
             (Some(parsed), Algorithm::RS256) => {
-                // An RSA signature is as long as the modulus: at most 1024 bytes for the 8192-bit keys
-                // the algorithm allows, so anything that does not fit is not a valid signature.
-                let mut buf = [0u8; 1024];
-                match URL_SAFE_NO_PAD.decode_slice(signature, &mut buf) {
-                    Ok(len) => parsed.verify_sig(message, &buf[..len]).is_ok(),
-                    Err(_) => false,
-                }
+                parsed.verify_sig(message, &signature.bytes).is_ok()
             }
-            _ => jsonwebtoken::crypto::verify(signature, message, &self.key, alg).unwrap_or(false),
+            _ => jsonwebtoken::crypto::verify(signature.encoded, message, &self.key, alg)
+                .unwrap_or(false),
         }
     }
 }
@@ -214,6 +213,8 @@ mod tests {
     fn the_parsed_rs256_key_verifies_exactly_like_jsonwebtoken() {
         use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
         use aws_lc_rs::signature::RSA_PKCS1_SHA256;
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let pair = KeyPair::generate(KeySize::Rsa2048).unwrap();
         let public =
             PublicKeyComponents::<Vec<u8>>::from(aws_lc_rs::signature::KeyPair::public_key(&pair));
@@ -242,21 +243,23 @@ mod tests {
             (URL_SAFE_NO_PAD.encode(&flipped), false),
             (URL_SAFE_NO_PAD.encode(&raw[..raw.len() - 1]), false),
             (URL_SAFE_NO_PAD.encode(vec![7u8; 2048]), false),
-            ("not base64!".to_owned(), false),
             (String::new(), false),
         ];
-        for (signature, expected) in cases {
+        for (encoded, expected) in cases {
             let generic =
-                jsonwebtoken::crypto::verify(&signature, message, &key.key, Algorithm::RS256)
+                jsonwebtoken::crypto::verify(&encoded, message, &key.key, Algorithm::RS256)
                     .unwrap_or(false);
-            assert_eq!(generic, expected, "jsonwebtoken on {signature:.20}");
+            assert_eq!(generic, expected, "jsonwebtoken on {encoded:.20}");
+            let segment = SignatureSegment::decode(&encoded).unwrap();
             assert_eq!(
-                key.verifies(Algorithm::RS256, message, &signature),
+                key.verifies(Algorithm::RS256, message, &segment),
                 expected,
-                "parsed key on {signature:.20}"
+                "parsed key on {encoded:.20}"
             );
         }
+        assert_eq!(SignatureSegment::decode("not base64!"), None);
         // Another message with the right signature, and another algorithm, do not verify.
+        let good = SignatureSegment::decode(&good).unwrap();
         assert!(!key.verifies(Algorithm::RS256, b"header.claimz", &good));
         assert!(!key.verifies(Algorithm::RS384, message, &good));
     }

@@ -106,6 +106,22 @@ impl Claims {
     }
 }
 
+/// A token's signature segment: as sent, and decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignatureSegment<'a> {
+    /// Base64url, as in the token.
+    pub encoded: &'a str,
+    pub bytes: Vec<u8>,
+}
+
+impl<'a> SignatureSegment<'a> {
+    /// `None` unless `encoded` is canonical unpadded base64url.
+    pub fn decode(encoded: &'a str) -> Option<Self> {
+        let bytes = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+        Some(SignatureSegment { encoded, bytes })
+    }
+}
+
 /// A syntactically valid token: what was signed, the signature, and the parsed parts.
 #[derive(Clone, Debug)]
 pub struct UnverifiedToken<'a> {
@@ -113,8 +129,8 @@ pub struct UnverifiedToken<'a> {
     pub claims: Claims,
     /// `base64url(header) "." base64url(claims)`: the bytes the signature covers.
     pub signing_input: &'a str,
-    /// The third segment, still base64url.
-    pub signature: &'a str,
+    /// The third segment.
+    pub signature: SignatureSegment<'a>,
 }
 
 /// Parses a compact JWS. The caller has already stripped any `Bearer ` prefix and checked the size.
@@ -130,11 +146,9 @@ pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, SyntaxError> {
     if h.is_empty() || c.is_empty() {
         return Err(SyntaxError::Segments);
     }
-    // Decoded (and dropped) here, not only when verifying: a segment that is not canonical base64url is
-    // a syntax failure (`TOKEN_MALFORMED`, SPEC §1), not a signature that happens not to verify.
-    if URL_SAFE_NO_PAD.decode(s).is_err() {
-        return Err(SyntaxError::Base64(Part::Signature));
-    }
+    // Decoded here, not only when verifying: a segment that is not canonical base64url is a syntax
+    // failure (`TOKEN_MALFORMED`, SPEC §1), not a signature that happens not to verify.
+    let signature = SignatureSegment::decode(s).ok_or(SyntaxError::Base64(Part::Signature))?;
     let header_obj = decode_object(h, Part::Header)?;
     let header = parse_header(&header_obj)?;
     let claims_obj = decode_object(c, Part::Claims)?;
@@ -143,7 +157,7 @@ pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, SyntaxError> {
         header,
         claims,
         signing_input: &token[..h.len() + 1 + c.len()],
-        signature: s,
+        signature,
     })
 }
 
@@ -329,7 +343,8 @@ mod tests {
         assert_eq!(parsed.claims.exp, 10);
         assert_eq!(parsed.claims.nbf, Some(1));
         assert_eq!(parsed.claims.aud, ["a", "b"]);
-        assert_eq!(parsed.signature, "c2ln");
+        assert_eq!(parsed.signature.encoded, "c2ln");
+        assert_eq!(parsed.signature.bytes, b"sig");
         assert!(t.starts_with(parsed.signing_input));
     }
 
