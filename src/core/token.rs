@@ -186,10 +186,21 @@ fn parse_header(obj: &Map<String, Value>) -> Result<Header, SyntaxError> {
         None | Some(Value::Bool(true)) => {}
         Some(_) => return Err(SyntaxError::UnencodedPayload),
     }
-    if let Some(Value::String(cty)) = obj.get("cty")
-        && (cty.eq_ignore_ascii_case("jwt") || cty.eq_ignore_ascii_case("application/jwt"))
-    {
-        return Err(SyntaxError::NestedJwt);
+    match obj.get("cty") {
+        None => {}
+        Some(Value::String(cty))
+            if cty.eq_ignore_ascii_case("jwt") || cty.eq_ignore_ascii_case("application/jwt") =>
+        {
+            return Err(SyntaxError::NestedJwt);
+        }
+        Some(Value::String(_)) => {}
+        // RFC 7515 §4.1.10: `cty` is a string. Anything else is not a header we can reason about.
+        Some(_) => {
+            return Err(SyntaxError::ClaimType {
+                claim: "cty",
+                expected: "a string",
+            });
+        }
     }
     let Some(Value::String(alg)) = obj.get("alg") else {
         return Err(SyntaxError::MissingAlg);
@@ -412,6 +423,13 @@ mod tests {
             (
                 token(r#"{"alg":"RS256","cty":"JWT"}"#, r#"{"exp":1}"#),
                 SyntaxError::NestedJwt,
+            ),
+            (
+                token(r#"{"alg":"RS256","cty":1}"#, r#"{"exp":1}"#),
+                SyntaxError::ClaimType {
+                    claim: "cty",
+                    expected: "a string",
+                },
             ),
             (token(H, r#"{"iss":"x"}"#), SyntaxError::MissingExp),
             (
