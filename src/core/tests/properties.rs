@@ -510,6 +510,7 @@ mod model {
     fn syntax(header: &Map<String, Value>, claims: &Map<String, Value>) -> bool {
         let header_ok = !header.contains_key("crit")
             && header.get("b64").is_none_or(|b| *b == Value::Bool(true))
+            && header.get("cty").is_none_or(Value::is_string)
             && !string(header, "cty").is_some_and(|c| {
                 c.eq_ignore_ascii_case("jwt") || c.eq_ignore_ascii_case("application/jwt")
             })
