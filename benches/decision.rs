@@ -103,6 +103,7 @@ fn benches(c: &mut Criterion) {
         method: "GET",
         path: "/orders",
         headers: &headers,
+        source_principal: None,
     };
 
     // Wait (bounded) for discovery and keys, then make sure the warm cache holds the token.

@@ -133,15 +133,20 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
-                _ = self.hup.recv() => match load(args) {
-                    Ok(settings) => {
-                        if let Err(e) = running.reload(&settings).await {
-                            tracing::error!("reload refused, keeping the current configuration: {e}");
+                _ = self.hup.recv() => {
+                    // Certificates are re-read whatever becomes of the configuration file: their
+                    // paths come from the start, and their reload has its own last-good rule.
+                    running.reload_tls().await;
+                    match load(args) {
+                        Ok(settings) => {
+                            if let Err(e) = running.reload(&settings).await {
+                                tracing::error!("reload refused, keeping the current configuration: {e}");
+                            }
                         }
+                        // A bad edit must not take the allowlist down: keep serving the last good one.
+                        Err(e) => tracing::error!("reload refused, keeping the current configuration: {e}"),
                     }
-                    // A bad edit must not take the allowlist down: keep serving the last good one.
-                    Err(e) => tracing::error!("reload refused, keeping the current configuration: {e}"),
-                },
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 //! Precedence, highest first: flag or its `S2S_AUTHZ_*` variable, the MCT variables, the file, defaults.
 
 use crate::core::DecisionSettings;
-use crate::core::ids::{ClientAppId, ObjectId, TenantId, is_guid};
+use crate::core::ids::{ClientAppId, ObjectId, SpiffeId, TenantId, is_guid};
 use crate::core::registry::{
     AppEntry, AppEntryKind, ApplicationUser, Operation, RegistryError, RegistryParts,
     RegistrySnapshot, Route, SecurityRole, User,
@@ -14,6 +14,7 @@ use crate::devissuer::{DevClient, DevIssuerConfig, DevTenant, TokenVersion};
 use crate::directory::OidcIssuer;
 use crate::jwks::KeySettings;
 use crate::store::DatabaseUrl;
+use crate::tls::{TlsFiles, TlsSettings};
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -70,6 +71,12 @@ pub struct FileConfig {
     pub grpc_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// TLS (and mutual TLS) on the decision port.
+    pub grpc_tls: Option<TlsFile>,
+    /// TLS (and mutual TLS) on the admin port, configured on its own.
+    pub admin_tls: Option<TlsFile>,
+    /// How long a client may take to finish its TLS handshake before the connection is dropped.
+    pub tls_handshake_timeout_ms: Option<u64>,
     pub auth: AuthFile,
     pub admin: AdminFile,
     pub keys: KeysFile,
@@ -92,6 +99,22 @@ pub struct AuthFile {
     pub require_client_type: Option<bool>,
     pub clock_skew_secs: Option<u64>,
     pub algorithms: Vec<String>,
+    /// Every app entry must name its `source_principals`, and every request must come from one of them.
+    pub require_source_principal: Option<bool>,
+}
+
+/// A port's TLS material: PEM files, re-read when they change and on SIGHUP.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsFile {
+    /// The certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates that sign client certificates: turns on mutual TLS.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate [default: true when `client_ca_file` is set].
+    pub require_client_cert: Option<bool>,
 }
 
 /// Who may call the admin port.
@@ -191,6 +214,9 @@ pub struct AppEntryFile {
     pub required_role: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// SPIFFE ids of the workloads this application may call from (Envoy's `source.principal`).
+    #[serde(default)]
+    pub source_principals: Vec<String>,
     pub application_user: AppUserFile,
 }
 
@@ -284,6 +310,33 @@ pub struct ServeArgs {
     /// Prometheus `/metrics`, `/healthz` and `/readyz` [default: 127.0.0.1:9464].
     #[arg(long, env = "S2S_AUTHZ_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Decision port TLS: certificate chain (PEM, leaf first). With `--grpc-tls-key`, turns TLS on.
+    #[arg(long, env = "S2S_AUTHZ_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// Decision port TLS: the certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "S2S_AUTHZ_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Decision port mutual TLS: CA certificates (PEM) that client certificates must chain to.
+    #[arg(long, env = "S2S_AUTHZ_GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// Decision port mutual TLS: refuse clients without a certificate [default: true with a client CA].
+    #[arg(long, env = "S2S_AUTHZ_GRPC_TLS_REQUIRE_CLIENT_CERT")]
+    pub grpc_tls_require_client_cert: Option<bool>,
+    /// Admin port TLS: certificate chain (PEM, leaf first). With `--admin-tls-key`, turns TLS on.
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Admin port TLS: the certificate's private key (PEM).
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// Admin port mutual TLS: CA certificates (PEM) that client certificates must chain to.
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_TLS_CLIENT_CA")]
+    pub admin_tls_client_ca: Option<PathBuf>,
+    /// Admin port mutual TLS: refuse clients without a certificate [default: true with a client CA].
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_TLS_REQUIRE_CLIENT_CERT")]
+    pub admin_tls_require_client_cert: Option<bool>,
+    /// How long a client may take to complete its TLS handshake [default: 10000].
+    #[arg(long, env = "S2S_AUTHZ_TLS_HANDSHAKE_TIMEOUT_MS")]
+    pub tls_handshake_timeout_ms: Option<u64>,
     /// Start the built-in development issuer (loopback only). Without `--config`, the embedded
     /// development configuration (deploy/local/s2s-authz.yaml) is used.
     #[arg(long, env = "S2S_AUTHZ_DEV_ISSUER")]
@@ -303,6 +356,11 @@ pub struct ServeArgs {
     /// Require header `clienttype: service` (always on under the MCT settings).
     #[arg(long, env = "S2S_AUTHZ_REQUIRE_CLIENT_TYPE")]
     pub require_client_type: Option<bool>,
+    /// Require every app entry to name its source principals (SPIFFE ids) and every request to come
+    /// from one of them (Envoy's `source.principal`) [default: false; entries that name source
+    /// principals are always held to them].
+    #[arg(long, env = "S2S_AUTHZ_REQUIRE_SOURCE_PRINCIPAL")]
+    pub require_source_principal: Option<bool>,
     /// Allowed clock skew for `exp`/`nbf` [default: 300].
     #[arg(long, env = "S2S_AUTHZ_CLOCK_SKEW_SECS")]
     pub clock_skew_secs: Option<u64>,
@@ -422,6 +480,8 @@ pub struct Settings {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// TLS on the decision and admin ports (each optional), and the handshake timeout.
+    pub tls: TlsSettings,
     pub decision: DecisionSettings,
     pub instance: String,
     pub tenants: BTreeSet<String>,
@@ -573,6 +633,10 @@ pub fn resolve(
         .map_err(|_| invalid("auth.clock_skew_secs", "too large"))?,
         audiences,
         algorithms: algorithms(&file.auth.algorithms, "auth.algorithms")?,
+        require_source_principal: args
+            .require_source_principal
+            .or(file.auth.require_source_principal)
+            .unwrap_or(false),
     };
 
     let keys = KeySettings {
@@ -655,6 +719,38 @@ pub fn resolve(
         None => DEFAULT_ADMIN_ROLE.to_owned(),
     };
     let admin_role = require_token.then_some(admin_role);
+    let tls = TlsSettings {
+        decision: tls_files(
+            "grpc_tls",
+            "--grpc-tls",
+            file.grpc_tls.as_ref(),
+            TlsArgs {
+                cert: &args.grpc_tls_cert,
+                key: &args.grpc_tls_key,
+                client_ca: &args.grpc_tls_client_ca,
+                require_client_cert: args.grpc_tls_require_client_cert,
+            },
+        )?,
+        admin: tls_files(
+            "admin_tls",
+            "--admin-tls",
+            file.admin_tls.as_ref(),
+            TlsArgs {
+                cert: &args.admin_tls_cert,
+                key: &args.admin_tls_key,
+                client_ca: &args.admin_tls_client_ca,
+                require_client_cert: args.admin_tls_require_client_cert,
+            },
+        )?,
+        handshake_timeout: millis(
+            args.tls_handshake_timeout_ms,
+            file.tls_handshake_timeout_ms,
+            10_000,
+        ),
+    };
+    if tls.handshake_timeout.is_zero() {
+        return Err(invalid("tls_handshake_timeout_ms", "must be positive"));
+    }
     Ok(Settings {
         grpc_addr: addr(
             args.grpc_addr,
@@ -669,6 +765,7 @@ pub fn resolve(
             DEFAULT_METRICS_ADDR,
             "metrics_addr",
         )?,
+        tls,
         decision,
         instance,
         tenants,
@@ -692,6 +789,75 @@ pub fn resolve(
         dev_issuer,
         log_format: args.log_format,
     })
+}
+
+/// One port's TLS flags (each overrides the file's field of the same meaning).
+struct TlsArgs<'a> {
+    cert: &'a Option<PathBuf>,
+    key: &'a Option<PathBuf>,
+    client_ca: &'a Option<PathBuf>,
+    require_client_cert: Option<bool>,
+}
+
+/// A port's TLS files from its section and flags: none at all is plaintext; a certificate needs its key
+/// (and the other way round); mutual TLS needs a certificate, and requiring client certificates needs a
+/// CA to check them against. The files themselves are read when the port opens.
+fn tls_files(
+    section: &str,
+    flag: &str,
+    file: Option<&TlsFile>,
+    args: TlsArgs<'_>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let empty = TlsFile::default();
+    let file = file.unwrap_or(&empty);
+    let pick = |arg: &Option<PathBuf>, file: &Option<PathBuf>| {
+        arg.clone()
+            .or_else(|| file.clone())
+            .filter(|p| !p.as_os_str().is_empty())
+    };
+    let cert = pick(args.cert, &file.cert_file);
+    let key = pick(args.key, &file.key_file);
+    let client_ca = pick(args.client_ca, &file.client_ca_file);
+    let require = args.require_client_cert.or(file.require_client_cert);
+    let (cert, key) = match (cert, key) {
+        (None, None) => {
+            if client_ca.is_some() || require == Some(true) {
+                return Err(invalid(
+                    format!("{section}.cert_file"),
+                    format!(
+                        "mutual TLS needs the port's own certificate and key (`{flag}-cert`, `{flag}-key`)"
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{section}.key_file"),
+                format!("is required with a certificate (`{flag}-key`)"),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{section}.cert_file"),
+                format!("is required with a private key (`{flag}-cert`)"),
+            ));
+        }
+        (Some(cert), Some(key)) => (cert, key),
+    };
+    let require_client_cert = require.unwrap_or(client_ca.is_some());
+    if require_client_cert && client_ca.is_none() {
+        return Err(invalid(
+            format!("{section}.require_client_cert"),
+            format!("needs `client_ca_file` (`{flag}-client-ca`) to check client certificates against"),
+        ));
+    }
+    Ok(Some(TlsFiles {
+        cert,
+        key,
+        client_ca,
+        require_client_cert,
+    }))
 }
 
 fn normalise_tenant(t: &str) -> String {
@@ -841,6 +1007,14 @@ pub fn provisioned_registry(
         } else {
             AppEntryKind::ManagedIdentity
         });
+        let mut source_principals: Vec<SpiffeId> = Vec::with_capacity(e.source_principals.len());
+        for (j, p) in e.source_principals.iter().enumerate() {
+            let id = SpiffeId::parse(p)
+                .map_err(|err| invalid(format!("{field}.source_principals[{j}]"), err.to_string()))?;
+            if !source_principals.contains(&id) {
+                source_principals.push(id);
+            }
+        }
         let entry = AppEntry {
             name: e.name.clone(),
             tenant_id: TenantId::new(&e.tenant_id),
@@ -849,6 +1023,7 @@ pub fn provisioned_registry(
             kind,
             required_role: e.required_role.clone(),
             enabled: e.enabled,
+            source_principals,
         };
         app_users.push(ApplicationUser {
             id: e
@@ -902,6 +1077,7 @@ pub fn provisioned_registry(
                 kind: AppEntryKind::ClientCredentials,
                 required_role: mct.role.clone(),
                 enabled: true,
+                source_principals: Vec::new(),
             };
             app_users.push(ApplicationUser {
                 id: derived_user_id(&entry),
@@ -921,6 +1097,7 @@ pub fn provisioned_registry(
                 kind: AppEntryKind::ManagedIdentity,
                 required_role: None,
                 enabled: true,
+                source_principals: Vec::new(),
             };
             app_users.push(ApplicationUser {
                 id: derived_user_id(&entry),

@@ -18,5 +18,6 @@ pub mod registry;
 pub mod registry_cli;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod token_cache;
 pub mod transport;

@@ -19,12 +19,20 @@ struct FetchLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsLabels {
+    port: &'static str,
+    outcome: &'static str,
+}
+
 /// The service's metrics. Cheap to update from the hot path: label sets are static strings.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     jwks_fetches: Family<FetchLabels, Counter>,
+    tls_reloads: Family<TlsLabels, Counter>,
+    tls_handshakes: Family<TlsLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -48,10 +56,24 @@ impl Metrics {
             "JWKS fetches by URI and outcome",
             jwks_fetches.clone(),
         );
+        let tls_reloads = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Reloads of a port's TLS files by outcome (reloaded, refused)",
+            tls_reloads.clone(),
+        );
+        let tls_handshakes = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by port and outcome (ok, failed, timeout, busy)",
+            tls_handshakes.clone(),
+        );
         Metrics {
             registry,
             decisions,
             jwks_fetches,
+            tls_reloads,
+            tls_handshakes,
         }
     }
 
@@ -67,6 +89,18 @@ impl Metrics {
             },
         };
         self.decisions.get_or_create(&labels).inc();
+    }
+
+    pub fn tls_reload(&self, port: &'static str, outcome: &'static str) {
+        self.tls_reloads
+            .get_or_create(&TlsLabels { port, outcome })
+            .inc();
+    }
+
+    pub fn tls_handshake(&self, port: &'static str, outcome: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&TlsLabels { port, outcome })
+            .inc();
     }
 
     pub fn jwks_fetch(&self, uri: &str, outcome: &'static str) {

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Debug, Args)]
 pub struct RegistryArgs {
-    /// The admin API's address (host:port or a URL).
+    /// The admin API's address: host:port, http://host:port, or https://host:port for a TLS admin port
+    /// (host:port is TLS too when a TLS option below is given).
     #[arg(
         long,
         env = "S2S_AUTHZ_ADMIN_ADDR",
@@ -32,6 +33,19 @@ pub struct RegistryArgs {
         global = true
     )]
     pub token: Option<AdminToken>,
+    /// CA certificates (PEM) that sign the admin port's TLS certificate [default: the system's roots].
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_CA", global = true)]
+    pub admin_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for an admin port that requires mutual TLS; with
+    /// `--admin-client-key`.
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_CLIENT_CERT", global = true)]
+    pub admin_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_CLIENT_KEY", global = true)]
+    pub admin_client_key: Option<PathBuf>,
+    /// The name the admin port's certificate is checked against, when it is not the address's host.
+    #[arg(long, env = "S2S_AUTHZ_ADMIN_SERVER_NAME", global = true)]
+    pub admin_server_name: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -107,6 +121,10 @@ pub struct AddEntry {
     /// The application user's name (defaults to the entry's).
     #[arg(long)]
     pub user_name: Option<String>,
+    /// SPIFFE id of a workload the application may call from (Envoy's `source.principal`), e.g.
+    /// spiffe://cluster.local/ns/orders/sa/orders; repeatable. None: any workload.
+    #[arg(long = "source-principal")]
+    pub source_principals: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +141,12 @@ pub struct EditEntry {
     pub client_app_id: Option<String>,
     #[arg(long)]
     pub object_id: Option<String>,
+    /// Replace the workloads the application may call from with these SPIFFE ids; repeatable.
+    #[arg(long = "source-principal", conflicts_with = "clear_source_principals")]
+    pub source_principals: Vec<String>,
+    /// Let the application call from any workload again.
+    #[arg(long)]
+    pub clear_source_principals: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -265,25 +289,113 @@ impl tonic::service::Interceptor for WithToken {
 
 type Admin = RegistryClient<tonic::service::interceptor::InterceptedService<Channel, WithToken>>;
 
-async fn connect(addr: &str, token: Option<AdminToken>) -> Result<Admin> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url)
+/// How to reach a TLS admin port.
+#[derive(Debug, Default)]
+pub struct AdminTls {
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub server_name: Option<String>,
+}
+
+impl AdminTls {
+    fn given(&self) -> bool {
+        self.ca.is_some()
+            || self.client_cert.is_some()
+            || self.client_key.is_some()
+            || self.server_name.is_some()
+    }
+
+    /// rustls through tonic (aws-lc-rs): the CA file or the system's roots, and the client identity
+    /// for mutual TLS.
+    fn client_config(&self) -> Result<ClientTlsConfig> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| CliError::Other(format!("cannot read {}: {e}", path.display())))
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => config.with_native_roots(),
+        };
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(CliError::Other(
+                    "--admin-client-cert and --admin-client-key go together".to_owned(),
+                ));
+            }
+        }
+        if let Some(name) = &self.server_name {
+            config = config.domain_name(name.clone());
+        }
+        Ok(config)
+    }
+}
+
+/// An error with its causes, which is where TLS failures (an unknown CA, a name mismatch) are said.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The admin API's URL: `https` when asked for by scheme, or by TLS options for a bare host:port.
+fn admin_url(addr: &str, tls: &AdminTls) -> Result<String> {
+    match addr.split_once("://") {
+        Some(("https", _)) => Ok(addr.to_owned()),
+        Some(("http", _)) if tls.given() => Err(CliError::Other(format!(
+            "the TLS options need an https:// admin address, not {addr}"
+        ))),
+        Some(("http", _)) => Ok(addr.to_owned()),
+        Some((scheme, _)) => Err(CliError::Other(format!(
+            "invalid admin address {addr}: the scheme must be http or https, not `{scheme}`"
+        ))),
+        None if tls.given() => Ok(format!("https://{addr}")),
+        None => Ok(format!("http://{addr}")),
+    }
+}
+
+async fn connect(addr: &str, token: Option<AdminToken>, tls: &AdminTls) -> Result<Admin> {
+    let url = admin_url(addr, tls)?;
+    let https = url.starts_with("https://");
+    let mut endpoint = Endpoint::from_shared(url)
         .map_err(|e| CliError::Other(format!("invalid admin address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| CliError::Other(format!("cannot connect to the admin API at {addr}: {e}")))?;
+    if https {
+        endpoint = endpoint
+            .tls_config(tls.client_config()?)
+            .map_err(|e| CliError::Other(format!("TLS for {addr}: {}", with_causes(&e))))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        CliError::Other(format!(
+            "cannot connect to the admin API at {addr}: {}",
+            with_causes(&e)
+        ))
+    })?;
     Ok(RegistryClient::with_interceptor(channel, WithToken(token)))
 }
 
 async fn execute(args: RegistryArgs) -> Result<()> {
-    let mut c = connect(&args.admin_addr, args.token.clone()).await?;
+    let tls = AdminTls {
+        ca: args.admin_ca.clone(),
+        client_cert: args.admin_client_cert.clone(),
+        client_key: args.admin_client_key.clone(),
+        server_name: args.admin_server_name.clone(),
+    };
+    let mut c = connect(&args.admin_addr, args.token.clone(), &tls).await?;
     let json = args.json;
     match args.command {
         RegistryCommand::Entries(cmd) => entries(&mut c, cmd, json).await,
@@ -382,6 +494,7 @@ struct EntryView<'a> {
     kind: &'static str,
     required_role: &'a str,
     enabled: bool,
+    source_principals: &'a [String],
     etag: &'a str,
     provisioned: bool,
 }
@@ -396,6 +509,7 @@ impl<'a> From<&'a pb::AppEntry> for EntryView<'a> {
             kind: kind_str(e.kind),
             required_role: &e.required_role,
             enabled: e.enabled,
+            source_principals: &e.source_principals,
             etag: &e.etag,
             provisioned: e.provisioned,
         }
@@ -519,6 +633,7 @@ fn show_entries(entries: &[pb::AppEntry], json: bool) -> Result<()> {
                 dash(&e.required_role),
                 yes_no(e.enabled),
                 yes_no(e.provisioned),
+                dash(&e.source_principals.join(" ")),
             ]
         })
         .collect();
@@ -532,6 +647,7 @@ fn show_entries(entries: &[pb::AppEntry], json: bool) -> Result<()> {
             "REQUIRED ROLE",
             "ENABLED",
             "PROVISIONED",
+            "SOURCE PRINCIPALS",
         ],
         &rows,
     );
@@ -635,6 +751,7 @@ async fn entries(c: &mut Admin, cmd: EntriesCommand, json: bool) -> Result<()> {
                 kind: kind as i32,
                 required_role: a.required_role.unwrap_or_default(),
                 enabled: !a.disabled,
+                source_principals: a.source_principals,
                 ..Default::default()
             };
             let created = c
@@ -663,6 +780,11 @@ async fn entries(c: &mut Admin, cmd: EntriesCommand, json: bool) -> Result<()> {
             }
             if let Some(o) = e.object_id {
                 entry.object_id = o;
+            }
+            if e.clear_source_principals {
+                entry.source_principals.clear();
+            } else if !e.source_principals.is_empty() {
+                entry.source_principals = e.source_principals;
             }
             let updated = c
                 .update_app_entry(pb::UpdateAppEntryRequest { entry: Some(entry) })
@@ -810,6 +932,8 @@ pub struct EntryDoc {
     pub required_role: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_principals: Vec<String>,
     pub application_user: AppUserDoc,
 }
 
@@ -881,6 +1005,7 @@ async fn export(c: &mut Admin) -> Result<String> {
             object_id: some(e.object_id),
             required_role: some(e.required_role),
             enabled: e.enabled,
+            source_principals: e.source_principals,
             application_user: AppUserDoc {
                 name: some(user.name.clone()),
                 security_role: user.security_role.clone(),
@@ -971,6 +1096,7 @@ async fn import(c: &mut Admin, text: &str) -> Result<()> {
             kind: kind as i32,
             required_role: e.required_role.unwrap_or_default(),
             enabled: e.enabled,
+            source_principals: e.source_principals,
             ..Default::default()
         };
         let call = c.create_app_entry(pb::CreateAppEntryRequest {

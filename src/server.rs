@@ -15,7 +15,8 @@ use crate::proto::s2sauthz::v1::authorizer_server::AuthorizerServer;
 use crate::proto::s2sauthz::v1::registry_server::RegistryServer;
 use crate::registry::{Registry, Watcher};
 use crate::store::{Location, Store};
-use crate::transport::{decision_incoming, incoming};
+use crate::tls::TlsEndpoint;
+use crate::transport::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -50,6 +51,11 @@ pub enum StartError {
     Registry(#[from] crate::registry::RegistryOpError),
     #[error("opening the registry: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("TLS on {what}: {source}")]
+    Tls {
+        what: &'static str,
+        source: crate::tls::TlsError,
+    },
 }
 
 /// A running service. Dropping it does not stop it; call `shutdown`.
@@ -60,6 +66,8 @@ pub struct Running {
     pub authorizer: Arc<Authorizer>,
     pub registry: Arc<Registry>,
     pub dev_issuer: Option<DevIssuer>,
+    /// The TLS ports' material, re-read on change and by `reload_tls`.
+    tls: Vec<Arc<TlsEndpoint>>,
     watcher: Option<Watcher>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -72,8 +80,45 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// A port's TLS endpoint, loaded now so that bad files stop the start with an error naming them.
+fn tls_endpoint(
+    what: &'static str,
+    port: &'static str,
+    files: Option<&crate::tls::TlsFiles>,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<TlsEndpoint>>, StartError> {
+    files
+        .map(|files| TlsEndpoint::load(port, files.clone(), metrics.clone()))
+        .transpose()
+        .map_err(|source| StartError::Tls { what, source })
+}
+
+/// The port's connections: TLS through its endpoint when it has one, plain TCP otherwise.
+fn incoming(
+    listener: TcpListener,
+    tls: Option<&Arc<TlsEndpoint>>,
+    handshake_timeout: std::time::Duration,
+) -> Incoming {
+    match tls {
+        Some(endpoint) => crate::transport::tls(listener, endpoint.clone(), handshake_timeout),
+        None => crate::transport::plain(listener),
+    }
+}
+
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
+    let decision_tls = tls_endpoint(
+        "the decision port",
+        "decision",
+        settings.tls.decision.as_ref(),
+        &metrics,
+    )?;
+    let admin_tls = tls_endpoint(
+        "the admin port",
+        "admin",
+        settings.tls.admin.as_ref(),
+        &metrics,
+    )?;
     let dev_issuer = match settings.dev_issuer.clone() {
         Some(config) => Some(DevIssuer::start(config).await?),
         None => None,
@@ -175,6 +220,9 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         discovery.refresh_all(true).await;
         discovery.run_background().await;
     });
+    let tls: Vec<Arc<TlsEndpoint>> = decision_tls.iter().chain(&admin_tls).cloned().collect();
+    background.spawn(crate::tls::watch(tls.clone()));
+    let handshake_timeout = settings.tls.handshake_timeout;
 
     let (reflection_v1, reflection_v1alpha) = reflection(&[
         "s2sauthz.v1.Authorizer",
@@ -189,7 +237,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let shutdown = stopped(&stop);
     tasks.spawn(async move {
         if let Err(e) = decision_router
-            .serve_with_incoming_shutdown(decision_incoming(grpc), shutdown)
+            .serve_with_incoming_shutdown(
+                incoming(grpc, decision_tls.as_ref(), handshake_timeout),
+                shutdown,
+            )
             .await
         {
             tracing::error!(error = %e, "decision port failed");
@@ -216,7 +267,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let shutdown = stopped(&stop);
     tasks.spawn(async move {
         if let Err(e) = admin_router
-            .serve_with_incoming_shutdown(incoming(admin), shutdown)
+            .serve_with_incoming_shutdown(
+                incoming(admin, admin_tls.as_ref(), handshake_timeout),
+                shutdown,
+            )
             .await
         {
             tracing::error!(error = %e, "admin port failed");
@@ -234,7 +288,14 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         }
     });
 
-    tracing::info!(%grpc_addr, %admin_addr, %metrics_addr, %instance, "s2s-authz listening");
+    let (grpc_tls, admin_tls) = (
+        tls_mode(settings.tls.decision.as_ref()),
+        tls_mode(settings.tls.admin.as_ref()),
+    );
+    if grpc_tls == "off" && !grpc_addr.ip().is_loopback() {
+        tracing::warn!(%grpc_addr, "the decision port is plaintext off loopback: anyone on the network can read its tokens (see `--grpc-tls-cert`)");
+    }
+    tracing::info!(%grpc_addr, %admin_addr, %metrics_addr, grpc_tls, admin_tls, %instance, "s2s-authz listening");
     Ok(Running {
         grpc_addr,
         admin_addr,
@@ -242,11 +303,21 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         authorizer,
         registry,
         dev_issuer,
+        tls,
         watcher,
         stop,
         tasks,
         background,
     })
+}
+
+/// How a port speaks, for the start-up line: `off`, `tls` or `mtls` (client certificates checked).
+fn tls_mode(files: Option<&crate::tls::TlsFiles>) -> &'static str {
+    match files {
+        None => "off",
+        Some(f) if f.client_ca.is_some() => "mtls",
+        Some(_) => "tls",
+    }
 }
 
 /// Reflection (v1 and v1alpha) advertising exactly the services a port serves, plus health.
@@ -300,6 +371,12 @@ impl Running {
             "configuration reloaded"
         );
         Ok(())
+    }
+
+    /// Re-reads every TLS port's certificate, key and client CA files (SIGHUP; they are also watched).
+    /// New connections get what loads; a port whose files do not load keeps its current material.
+    pub async fn reload_tls(&self) {
+        crate::tls::reload_all(&self.tls).await;
     }
 
     /// Stops accepting, lets in-flight calls finish, and returns when every listener has closed.

@@ -332,6 +332,7 @@ mod tests {
             clock_skew_secs: SKEW,
             audiences: Audiences::new([AUD]),
             algorithms: vec![Algorithm::RS256],
+            require_source_principal: false,
         }
     }
 
@@ -343,6 +344,7 @@ mod tests {
             method: "GET",
             path: "/",
             headers: &headers,
+            source_principal: None,
         };
         let mut trace = Trace::disabled();
         let pre = decision::precheck(&request, &settings(), trust, &mut trace).unwrap();

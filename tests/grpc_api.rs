@@ -687,7 +687,7 @@ async fn route_privileges_and_impersonation() {
     server.shutdown().await;
 }
 
-const CHECKS: [&str; 17] = [
+const CHECKS: [&str; 18] = [
     "token_present",
     "service_auth_enabled",
     "client_type",
@@ -701,6 +701,7 @@ const CHECKS: [&str; 17] = [
     "audience",
     "app_only",
     "allowlist",
+    "source_principal",
     "enabled",
     "role",
     "route_privilege",

@@ -432,6 +432,7 @@ async fn decide_on(
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect(),
+                ..Default::default()
             }),
         })
         .await

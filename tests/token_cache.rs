@@ -90,6 +90,7 @@ fn request(token: &str, headers: &[(&str, &str)]) -> DecideRequest {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect::<HashMap<_, _>>(),
+            ..Default::default()
         }),
     }
 }

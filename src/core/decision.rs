@@ -7,7 +7,7 @@
 //! A decision cannot fail: every problem is a `Denied` with a reason.
 
 use super::claims::{AppClaims, AppOnlyEvidence, VerifiedClaims};
-use super::ids::{ClientAppId, ObjectId, TenantId};
+use super::ids::{ClientAppId, ObjectId, SpiffeId, TenantId};
 use super::keys::{KeySet, VerifyingKey};
 use super::reason::DenyReason;
 use super::registry::{AppEntryKind, RegistrySnapshot};
@@ -36,6 +36,9 @@ pub struct Request<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub headers: &'a (dyn Headers + Sync),
+    /// The calling workload's identity as the proxy saw it (Envoy's `source.principal`: the SPIFFE id
+    /// of its client certificate), when one was sent.
+    pub source_principal: Option<&'a str>,
 }
 
 /// The settings a decision depends on.
@@ -50,6 +53,9 @@ pub struct DecisionSettings {
     pub audiences: Audiences,
     /// Algorithms accepted for Entra tokens.
     pub algorithms: Vec<Algorithm>,
+    /// Every app entry must name the workloads it may call from, and every request must come from one
+    /// of them. Off: only entries that name source principals are held to them.
+    pub require_source_principal: bool,
 }
 
 /// Every check, in evaluation order. The first failure is the reason reported.
@@ -68,6 +74,7 @@ pub enum Check {
     Audience,
     AppOnly,
     Allowlist,
+    SourcePrincipal,
     Enabled,
     Role,
     RoutePrivilege,
@@ -75,7 +82,7 @@ pub enum Check {
 }
 
 impl Check {
-    pub const ALL: [Check; 17] = [
+    pub const ALL: [Check; 18] = [
         Check::TokenPresent,
         Check::ServiceAuth,
         Check::ClientType,
@@ -89,6 +96,7 @@ impl Check {
         Check::Audience,
         Check::AppOnly,
         Check::Allowlist,
+        Check::SourcePrincipal,
         Check::Enabled,
         Check::Role,
         Check::RoutePrivilege,
@@ -110,6 +118,7 @@ impl Check {
             Check::Audience => "audience",
             Check::AppOnly => "app_only",
             Check::Allowlist => "allowlist",
+            Check::SourcePrincipal => "source_principal",
             Check::Enabled => "enabled",
             Check::Role => "role",
             Check::RoutePrivilege => "route_privilege",
@@ -737,6 +746,21 @@ pub fn authorize(
         format!("entry `{}` ({:?})", entry.name, entry.kind)
     });
 
+    if let Err(why) = source_principal(
+        request.source_principal,
+        &entry.source_principals,
+        &entry.name,
+        settings.require_source_principal,
+        trace,
+    ) {
+        return deny(
+            trace,
+            Check::SourcePrincipal,
+            DenyReason::ApplicationNotAllowed,
+            why,
+        );
+    }
+
     if !entry.enabled {
         return deny(
             trace,
@@ -876,6 +900,46 @@ pub fn authorize(
         security_role: role.name.clone(),
         effective_user,
     }))
+}
+
+/// Whether the request comes from a workload the entry allows (Envoy's `source.principal`). Passes or
+/// skips on the trace itself; on failure returns the message, and the caller records the deny.
+fn source_principal(
+    sent: Option<&str>,
+    allowed: &[SpiffeId],
+    entry: &str,
+    required: bool,
+    trace: &mut Trace,
+) -> Result<(), String> {
+    if allowed.is_empty() {
+        if required {
+            return Err(format!(
+                "app entry `{entry}` names no source principals, and every entry must (`require_source_principal`)"
+            ));
+        }
+        trace.skip(
+            Check::SourcePrincipal,
+            "not required, and the entry names no source principals",
+        );
+        return Ok(());
+    }
+    let Some(sent) = sent.map(str::trim).filter(|p| !p.is_empty()) else {
+        return Err(format!(
+            "no source principal (the calling workload's SPIFFE id) was sent; app entry `{entry}` requires one"
+        ));
+    };
+    // Parsed, not compared as text, so that a trust domain in another case still matches. A principal
+    // that is not a SPIFFE id is not echoed: it is whatever the proxy or caller sent.
+    let Ok(id) = SpiffeId::parse(sent) else {
+        return Err("the source principal is not a SPIFFE id".to_owned());
+    };
+    if !allowed.contains(&id) {
+        return Err(format!(
+            "source principal `{id}` is not one app entry `{entry}` may call from"
+        ));
+    }
+    trace.pass(Check::SourcePrincipal, || id.to_string());
+    Ok(())
 }
 
 fn app_only(evidence: &AppOnlyEvidence, rule: AppOnlyRule) -> Result<(), &'static str> {

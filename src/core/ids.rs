@@ -88,9 +88,97 @@ id_type!(
     ObjectId
 );
 
+/// A workload's SPIFFE id, `spiffe://trust-domain/path`: what Envoy reports as `source.principal` (the
+/// URI SAN of the calling workload's certificate, under mTLS). Always valid: built only by `parse`, which
+/// follows the SPIFFE specification (the `spiffe` crate) and also requires a path, since a bare trust
+/// domain names no workload. The trust domain is case-insensitive and kept in lower case, so equal ids
+/// compare equal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SpiffeId(String);
+
+/// Why a string is not a workload's SPIFFE id. The input itself is left to the caller to name.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SpiffeIdError {
+    #[error("must be a SPIFFE id (`spiffe://trust-domain/path`): {0}")]
+    Invalid(spiffe::SpiffeIdError),
+    #[error("must be a SPIFFE id with a path (`spiffe://trust-domain/path`): a trust domain alone names no workload")]
+    NoPath,
+}
+
+impl SpiffeId {
+    pub fn parse(raw: &str) -> Result<Self, SpiffeIdError> {
+        let id = spiffe::SpiffeId::new(raw.trim()).map_err(SpiffeIdError::Invalid)?;
+        if id.path().is_empty() {
+            return Err(SpiffeIdError::NoPath);
+        }
+        Ok(SpiffeId(id.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SpiffeId {
+    type Error = SpiffeIdError;
+
+    fn try_from(raw: String) -> Result<Self, SpiffeIdError> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<SpiffeId> for String {
+    fn from(id: SpiffeId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spiffe_ids_are_validated_and_their_trust_domain_folded() {
+        let id = SpiffeId::parse("spiffe://Cluster.Local/ns/orders/sa/orders").unwrap();
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/orders/sa/orders");
+        assert_eq!(
+            id,
+            SpiffeId::parse(" spiffe://cluster.local/ns/orders/sa/orders ").unwrap()
+        );
+        assert_ne!(
+            id,
+            SpiffeId::parse("spiffe://cluster.local/ns/orders/sa/Orders").unwrap(),
+            "paths are case-sensitive"
+        );
+        for bad in [
+            "",
+            "https://cluster.local/ns/orders",
+            "spiffe://",
+            "spiffe:///ns/orders",
+            "spiffe://cluster.local/ns//orders",
+            "spiffe://cluster.local/ns/orders/",
+            "spiffe://cluster.local/ns/../orders",
+            "spiffe://cluster.local/ns/orders?x=1",
+            "spiffe://user@cluster.local/ns/orders",
+            "spiffe://cluster.local:8443/ns/orders",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "`{bad}` must be refused");
+        }
+        assert_eq!(
+            SpiffeId::parse("spiffe://cluster.local"),
+            Err(SpiffeIdError::NoPath)
+        );
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, "\"spiffe://cluster.local/ns/orders/sa/orders\"");
+        assert!(serde_json::from_str::<SpiffeId>("\"spiffe://x/\"").is_err());
+    }
 
     #[test]
     fn guids_compare_case_insensitively() {

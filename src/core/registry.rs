@@ -4,7 +4,7 @@
 //! A snapshot is built once (from configuration now, from the registry store later), validated as a
 //! whole, and then only read; the allowlist cache swaps whole snapshots so a decision never sees half an edit.
 
-use super::ids::{ClientAppId, ObjectId, TenantId};
+use super::ids::{ClientAppId, ObjectId, SpiffeId, TenantId};
 use std::collections::{BTreeSet, HashMap};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -26,6 +26,11 @@ pub struct AppEntry {
     /// The app role the token's `roles` must contain, if any.
     pub required_role: Option<String>,
     pub enabled: bool,
+    /// The workloads (SPIFFE ids, Envoy's `source.principal`) this application may call from. When
+    /// non-empty, a request must come from one of them; empty, any source will do unless the settings
+    /// require a source principal for every entry. Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_principals: Vec<SpiffeId>,
 }
 
 /// The non-interactive user an application acts as (Dataverse-style), holding one custom security role.
@@ -398,6 +403,7 @@ mod tests {
             kind: AppEntryKind::ClientCredentials,
             required_role: None,
             enabled: true,
+            source_principals: Vec::new(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! stages with a real RSA key. Every deny reason of the contract appears here.
 
 use super::decision::{self, KeyLookup, Request};
-use super::ids::{ClientAppId, ObjectId, TenantId};
+use super::ids::{ClientAppId, ObjectId, SpiffeId, TenantId};
 use super::keys::KeySet;
 use super::registry::{
     AppEntry, AppEntryKind, ApplicationUser, Operation, RegistrySnapshot, Route, SecurityRole, User,
@@ -29,6 +29,10 @@ const DISABLED_APP: &str = "11111111-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
 const MI_OID: &str = "22222222-5e4d-4c3b-8a29-1f0e9d8c7b6a";
 const DELEGATE_APP: &str = "33333333-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
 const USER_OID: &str = "44444444-5e4d-4c3b-8a29-1f0e9d8c7b6a";
+/// An application that may call only from the workloads below (entry `bound`).
+const BOUND_APP: &str = "66666666-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
+const BOUND_WORKLOAD: &str = "spiffe://cluster.local/ns/orders/sa/orders";
+const BOUND_CANARY: &str = "spiffe://cluster.local/ns/orders/sa/orders-canary";
 const AUD: &str = "api://b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
 const AUD_GUID: &str = "b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
 const NOW: i64 = 1_800_000_000;
@@ -142,6 +146,7 @@ fn registry(with_routes: bool) -> RegistrySnapshot {
         kind,
         required_role: role.map(str::to_owned),
         enabled,
+        source_principals: Vec::new(),
     };
     let entries = vec![
         entry(
@@ -189,6 +194,21 @@ fn registry(with_routes: bool) -> RegistrySnapshot {
             Some("S2SAppRole"),
             true,
         ),
+        AppEntry {
+            source_principals: vec![
+                SpiffeId::parse(BOUND_WORKLOAD).unwrap(),
+                SpiffeId::parse(BOUND_CANARY).unwrap(),
+            ],
+            ..entry(
+                "bound",
+                TENANT,
+                Some(BOUND_APP),
+                None,
+                AppEntryKind::ClientCredentials,
+                Some("S2SAppRole"),
+                true,
+            )
+        },
     ];
     let user = |entry: &str, role: &str| ApplicationUser {
         id: format!("{entry}-id"),
@@ -202,6 +222,7 @@ fn registry(with_routes: bool) -> RegistrySnapshot {
         user("mi", "Reader"),
         user("delegate", "Delegate"),
         user("oidc-app", "Reader"),
+        user("bound", "Reader"),
     ];
     let roles = vec![
         role("Reader", &[("orders", Operation::Read)], false),
@@ -247,6 +268,7 @@ fn settings() -> DecisionSettings {
         clock_skew_secs: 300,
         audiences: Audiences::new([AUD]),
         algorithms: vec![jsonwebtoken::Algorithm::RS256],
+        require_source_principal: false,
     }
 }
 
@@ -254,6 +276,7 @@ struct Case {
     name: &'static str,
     token: String,
     headers: Vec<(&'static str, &'static str)>,
+    source_principal: Option<&'static str>,
     method: &'static str,
     path: &'static str,
     settings: DecisionSettings,
@@ -267,6 +290,7 @@ fn case(name: &'static str, token: String, expect: Result<&'static str, DenyReas
         name,
         token,
         headers: Vec::new(),
+        source_principal: None,
         method: "GET",
         path: "/orders",
         settings: settings(),
@@ -298,6 +322,7 @@ fn run(c: &Case) -> (Decision, Vec<TraceStep>) {
         method: c.method,
         path: c.path,
         headers: &headers,
+        source_principal: c.source_principal,
     };
     let mut trace = Trace::enabled();
     let decision = (|| {
@@ -769,6 +794,108 @@ fn every_case_decides_as_expected() {
         .filter(|r| !seen.contains(r))
         .collect();
     assert!(missing.is_empty(), "reasons without a case: {missing:?}");
+}
+
+/// The source-principal check (Envoy's `source.principal`, a SPIFFE id): per entry, and for every entry
+/// when required; right after the allowlist, so it is decided before `enabled`, the role and routes.
+#[test]
+fn source_principals_bind_an_entry_to_its_workloads() {
+    let bound = sign(&with(v2_claims(), json!({"azp": BOUND_APP})));
+    let orders = sign(&v2_claims());
+    let disabled = sign(&with(v2_claims(), json!({"azp": DISABLED_APP})));
+    let required = DecisionSettings {
+        require_source_principal: true,
+        ..settings()
+    };
+    // (name, token, principal sent, required for every entry, expected, message fragment)
+    let table: [(&str, &String, Option<&'static str>, bool, Result<&str, &str>); 11] = [
+        ("bound, its workload", &bound, Some(BOUND_WORKLOAD), false, Ok("bound")),
+        ("bound, its other workload", &bound, Some(BOUND_CANARY), false, Ok("bound")),
+        (
+            "bound, trust domain in another case",
+            &bound,
+            Some("spiffe://Cluster.LOCAL/ns/orders/sa/orders"),
+            false,
+            Ok("bound"),
+        ),
+        ("bound, required too", &bound, Some(BOUND_WORKLOAD), true, Ok("bound")),
+        ("bound, nothing sent", &bound, None, false, Err("no source principal")),
+        ("bound, blank", &bound, Some("  "), false, Err("no source principal")),
+        (
+            "bound, another workload",
+            &bound,
+            Some("spiffe://cluster.local/ns/billing/sa/billing"),
+            false,
+            Err("`spiffe://cluster.local/ns/billing/sa/billing` is not one app entry `bound` may call from"),
+        ),
+        (
+            "bound, path case differs",
+            &bound,
+            Some("spiffe://cluster.local/ns/orders/sa/Orders"),
+            false,
+            Err("is not one app entry `bound` may call from"),
+        ),
+        (
+            "bound, not a SPIFFE id",
+            &bound,
+            Some("CN=orders,O=evil"),
+            false,
+            Err("is not a SPIFFE id"),
+        ),
+        ("unbound, not required: any source", &orders, Some("CN=whatever"), false, Ok("orders")),
+        (
+            "unbound, required: the entry must name its workloads",
+            &orders,
+            Some(BOUND_WORKLOAD),
+            true,
+            Err("app entry `orders` names no source principals"),
+        ),
+    ];
+    for (name, token, principal, require, expect) in table {
+        let mut c = case(name, token.clone(), Ok("unused"));
+        c.source_principal = principal;
+        if require {
+            c.settings = required.clone();
+        }
+        let (decision, trace) = run(&c);
+        let step = trace
+            .iter()
+            .find(|s| s.check == Check::SourcePrincipal)
+            .unwrap();
+        match (expect, &decision) {
+            (Ok(entry), Decision::Allow(a)) => {
+                assert_eq!(a.entry_name, entry, "{name}");
+                let bound_entry = entry == "bound";
+                let expected = if bound_entry {
+                    Outcome::Passed
+                } else {
+                    Outcome::Skipped
+                };
+                assert_eq!(step.outcome, expected, "{name}: {step:?}");
+            }
+            (Err(fragment), Decision::Deny(d)) => {
+                assert_eq!(d.reason, DenyReason::ApplicationNotAllowed, "{name}");
+                assert!(d.message.contains(fragment), "{name}: {}", d.message);
+                assert_eq!(step.outcome, Outcome::Failed, "{name}: {step:?}");
+                assert!(d.caller.is_some(), "{name}: the token was verified");
+            }
+            _ => panic!("{name}: expected {expect:?}, got {decision:?}"),
+        }
+    }
+    // Placed right after the allowlist: a disabled entry is refused for its source before `enabled`.
+    let mut c = case("x", disabled, Ok("unused"));
+    c.settings = required;
+    let (decision, trace) = run(&c);
+    assert_eq!(decision.reason(), Some(DenyReason::ApplicationNotAllowed));
+    let outcome = |check| trace.iter().find(|s| s.check == check).unwrap().outcome;
+    assert_eq!(outcome(Check::Allowlist), Outcome::Passed);
+    assert_eq!(outcome(Check::SourcePrincipal), Outcome::Failed);
+    assert_eq!(outcome(Check::Enabled), Outcome::Skipped);
+    let position = |check| Check::ALL.iter().position(|c| *c == check).unwrap();
+    assert_eq!(
+        position(Check::SourcePrincipal),
+        position(Check::Allowlist) + 1
+    );
 }
 
 #[test]

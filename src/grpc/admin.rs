@@ -18,7 +18,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpConnectInfo;
+use crate::transport::PeerInfo;
 
 /// Who may call: the admin app role.
 #[derive(Debug)]
@@ -45,6 +45,7 @@ impl AdminPolicy {
             method: "POST",
             path: "",
             headers: &headers,
+            source_principal: None,
         };
         let verified = self
             .authorizer
@@ -136,17 +137,22 @@ where
         let policy = self.policy.clone();
         Box::pin(async move {
             let method = request.uri().path().to_owned();
-            let peer = request
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(TcpConnectInfo::remote_addr)
+            let info = request.extensions().get::<PeerInfo>();
+            let peer = info
+                .and_then(|i| i.remote_addr)
                 .map(|a| a.to_string())
+                .unwrap_or_default();
+            // Under mutual TLS, which certificate the caller presented (verified by the handshake).
+            let client_cert = info
+                .and_then(|i| i.client_certificate.as_ref())
+                .map(|c| c.fingerprint())
                 .unwrap_or_default();
             match policy.admit(request.headers()).await {
                 Ok(admitted) => {
                     tracing::info!(
                         target: "s2s_authz::admin",
                         %peer,
+                        client_cert,
                         method,
                         tenant_id = admitted.tenant_id,
                         client_app_id = admitted.client_app_id,
@@ -159,6 +165,7 @@ where
                     tracing::warn!(
                         target: "s2s_authz::admin",
                         %peer,
+                        client_cert,
                         method,
                         code = ?status.code(),
                         reason = status.message(),

@@ -62,12 +62,17 @@ impl pb::authorization_server::Authorization for ExtAuthz {
         &self,
         request: tonic::Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        let mut http = request
-            .into_inner()
-            .attributes
-            .and_then(|a| a.request)
+        let attributes = request.into_inner().attributes.unwrap_or_default();
+        let mut http = attributes
+            .request
             .and_then(|r| r.http)
             .unwrap_or_default();
+        // The downstream peer's identity as Envoy verified it: the URI SAN (SPIFFE id) of its client
+        // certificate, set only when the caller connected to Envoy over mTLS.
+        let source_principal = attributes
+            .source
+            .map(|peer| peer.principal)
+            .filter(|p| !p.is_empty());
         let headers = request_headers(&mut http);
         let token = bearer(headers.get("authorization").map(String::as_str));
         let core_request = Request {
@@ -75,6 +80,7 @@ impl pb::authorization_server::Authorization for ExtAuthz {
             method: &http.method,
             path: &http.path,
             headers: &headers,
+            source_principal: source_principal.as_deref(),
         };
         let evaluation = self.authorizer.decide(&core_request, false).await;
         Ok(Response::new(check_response(

@@ -28,6 +28,7 @@ impl NativeApi {
             method: &context.method,
             path: &context.path,
             headers: &headers,
+            source_principal: Some(context.source_principal.as_str()).filter(|p| !p.is_empty()),
         };
         let evaluation = self.authorizer.decide(&core_request, explain).await;
         (to_response(&evaluation.decision), evaluation.trace)

@@ -1,7 +1,7 @@
 //! `s2sauthz.v1.Registry` on the admin port: converts and validates protobuf resources, runs the change
 //! on the registry (off the async runtime: SQLite commits block), and maps errors to gRPC codes.
 
-use crate::core::ids::{ClientAppId, ObjectId, TenantId, is_guid};
+use crate::core::ids::{ClientAppId, ObjectId, SpiffeId, TenantId, is_guid};
 use crate::core::registry::{
     AppEntry, AppEntryKind, ApplicationUser, Operation, Route, SecurityRole, User,
 };
@@ -151,6 +151,7 @@ fn app_entry(e: pb::AppEntry) -> Result<AppEntry, Status> {
     let required_role = optional(&e.required_role)
         .map(|r| self::name(r, "required_role"))
         .transpose()?;
+    let source_principals = source_principals(&e.source_principals)?;
     Ok(AppEntry {
         name,
         tenant_id: TenantId::new(tenant),
@@ -159,7 +160,30 @@ fn app_entry(e: pb::AppEntry) -> Result<AppEntry, Status> {
         kind,
         required_role,
         enabled: e.enabled,
+        source_principals,
     })
+}
+
+/// At most this many source principals per entry: a list, not a trust bundle.
+const MAX_SOURCE_PRINCIPALS: usize = 100;
+
+/// SPIFFE ids, each validated, duplicates dropped (the first occurrence keeps its place).
+fn source_principals(values: &[String]) -> Result<Vec<SpiffeId>, Status> {
+    if values.len() > MAX_SOURCE_PRINCIPALS {
+        return Err(invalid(
+            "source_principals",
+            "may list at most 100 SPIFFE ids",
+        ));
+    }
+    let mut out: Vec<SpiffeId> = Vec::with_capacity(values.len());
+    for (i, value) in values.iter().enumerate() {
+        let id = SpiffeId::parse(value)
+            .map_err(|e| invalid(&format!("source_principals[{i}]"), &e.to_string()))?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 fn kind_pb(kind: AppEntryKind) -> i32 {
@@ -182,6 +206,7 @@ fn app_entry_pb(r: Record<AppEntry>) -> pb::AppEntry {
         enabled: e.enabled,
         etag: r.etag,
         provisioned: r.provisioned,
+        source_principals: e.source_principals.into_iter().map(String::from).collect(),
     }
 }
 

@@ -165,6 +165,7 @@ mod tests {
             kind: AppEntryKind::ManagedIdentity,
             required_role: None,
             enabled: true,
+            source_principals: Vec::new(),
         }
     }
 

@@ -453,6 +453,7 @@ impl TestServer {
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect(),
+                ..Default::default()
             }),
         }
     }

@@ -20,6 +20,7 @@ fn decide(token: &str, headers: &HashMap<String, String>, settings: &DecisionSet
         method: "GET",
         path: "/orders",
         headers,
+        source_principal: None,
     };
     let mut trace = Trace::disabled();
     let keys = jwks();
