@@ -849,7 +849,9 @@ fn tls_files(
     if require_client_cert && client_ca.is_none() {
         return Err(invalid(
             format!("{section}.require_client_cert"),
-            format!("needs `client_ca_file` (`{flag}-client-ca`) to check client certificates against"),
+            format!(
+                "needs `client_ca_file` (`{flag}-client-ca`) to check client certificates against"
+            ),
         ));
     }
     Ok(Some(TlsFiles {
@@ -1009,8 +1011,9 @@ pub fn provisioned_registry(
         });
         let mut source_principals: Vec<SpiffeId> = Vec::with_capacity(e.source_principals.len());
         for (j, p) in e.source_principals.iter().enumerate() {
-            let id = SpiffeId::parse(p)
-                .map_err(|err| invalid(format!("{field}.source_principals[{j}]"), err.to_string()))?;
+            let id = SpiffeId::parse(p).map_err(|err| {
+                invalid(format!("{field}.source_principals[{j}]"), err.to_string())
+            })?;
             if !source_principals.contains(&id) {
                 source_principals.push(id);
             }
@@ -1235,6 +1238,100 @@ mod tests {
                 .unwrap();
         assert_eq!(settings.admin_role.as_deref(), Some("Ops.Admin"));
         assert!(resolve_yaml("admin: {role: ' '}\nauth: {audiences: [x]}").is_err());
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_with_its_key_and_mutual_tls_a_client_ca() {
+        let resolve_yaml = |yaml: &str| {
+            let file = parse_yaml(&format!("auth: {{audiences: [x]}}\n{yaml}"), "t").unwrap();
+            resolve(file, &ServeArgs::default(), &MctSettings::default())
+        };
+        let settings = resolve_yaml("").unwrap();
+        assert!(settings.tls.decision.is_none() && settings.tls.admin.is_none());
+        assert_eq!(settings.tls.handshake_timeout, Duration::from_secs(10));
+        let settings =
+            resolve_yaml("grpc_tls: {cert_file: a.crt, key_file: a.key, client_ca_file: ca.crt}")
+                .unwrap();
+        let decision = settings.tls.decision.unwrap();
+        assert!(
+            decision.require_client_cert,
+            "a client CA requires certificates by default"
+        );
+        assert_eq!(decision.client_ca.as_deref(), Some(Path::new("ca.crt")));
+        let settings = resolve_yaml(
+            "admin_tls: {cert_file: a.crt, key_file: a.key, client_ca_file: ca.crt, require_client_cert: false}\ntls_handshake_timeout_ms: 250",
+        )
+        .unwrap();
+        assert!(!settings.tls.admin.unwrap().require_client_cert);
+        assert_eq!(settings.tls.handshake_timeout, Duration::from_millis(250));
+        for (yaml, field) in [
+            ("grpc_tls: {cert_file: a.crt}", "grpc_tls.key_file"),
+            ("admin_tls: {key_file: a.key}", "admin_tls.cert_file"),
+            ("grpc_tls: {client_ca_file: ca.crt}", "grpc_tls.cert_file"),
+            (
+                "grpc_tls: {cert_file: a.crt, key_file: a.key, require_client_cert: true}",
+                "grpc_tls.require_client_cert",
+            ),
+            ("tls_handshake_timeout_ms: 0", "tls_handshake_timeout_ms"),
+            ("grpc_tls: {cert: a.crt}", "unknown field"),
+        ] {
+            let err = match parse_yaml(&format!("auth: {{audiences: [x]}}\n{yaml}"), "t") {
+                Err(e) => e,
+                Ok(file) => {
+                    resolve(file, &ServeArgs::default(), &MctSettings::default()).unwrap_err()
+                }
+            };
+            assert!(err.to_string().contains(field), "{yaml}: {err}");
+        }
+        // Flags override the file, field by field.
+        let args = ServeArgs {
+            admin_tls_cert: Some(PathBuf::from("flag.crt")),
+            admin_tls_key: Some(PathBuf::from("flag.key")),
+            ..ServeArgs::default()
+        };
+        let file = parse_yaml(
+            "auth: {audiences: [x]}\nadmin_tls: {cert_file: file.crt, key_file: file.key}",
+            "t",
+        )
+        .unwrap();
+        let admin = resolve(file, &args, &MctSettings::default())
+            .unwrap()
+            .tls
+            .admin
+            .unwrap();
+        assert_eq!(admin.cert, PathBuf::from("flag.crt"));
+    }
+
+    #[test]
+    fn source_principals_are_spiffe_ids() {
+        let entry = |principals: &str| {
+            format!(
+                "auth: {{audiences: [x]}}\nsecurity_roles: [{{name: R}}]\napp_entries:\n  - name: e\n    tenant_id: {TENANT}\n    client_app_id: {APP}\n    source_principals: {principals}\n    application_user: {{security_role: R}}\n"
+            )
+        };
+        let resolved = |yaml: String| {
+            resolve(
+                parse_yaml(&yaml, "t").unwrap(),
+                &ServeArgs::default(),
+                &MctSettings::default(),
+            )
+        };
+        let settings = resolved(entry(
+            "['spiffe://Cluster.Local/ns/a/sa/a', 'spiffe://cluster.local/ns/a/sa/a']",
+        ))
+        .unwrap();
+        let e = &settings.registry.entries()[0];
+        assert_eq!(
+            e.source_principals,
+            [SpiffeId::parse("spiffe://cluster.local/ns/a/sa/a").unwrap()]
+        );
+        let err = resolved(entry("['spiffe://cluster.local/ns/a/sa/a', 'orders']")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("app_entries[0].source_principals[1]"),
+            "{err}"
+        );
+        assert!(!settings.decision.require_source_principal);
     }
 
     #[test]

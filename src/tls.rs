@@ -61,7 +61,10 @@ pub enum TlsError {
     #[error("reading `{path}`: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("`{path}`: {problem}")]
-    Pem { path: PathBuf, problem: &'static str },
+    Pem {
+        path: PathBuf,
+        problem: &'static str,
+    },
     #[error("`{path}` holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("`{path}` holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
@@ -369,28 +372,34 @@ pub async fn watch(endpoints: Vec<Arc<TlsEndpoint>>) {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "watching TLS files"),
     };
-    let mut watcher: Box<dyn notify::Watcher + Send> =
-        match notify::RecommendedWatcher::new(handler.clone(), notify::Config::default()) {
-            Ok(w) => Box::new(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "file events unavailable: polling the TLS files");
-                let config = notify::Config::default()
-                    .with_poll_interval(POLL_INTERVAL)
-                    .with_compare_contents(true);
-                match notify::PollWatcher::new(handler, config) {
-                    Ok(w) => Box::new(w),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot watch the TLS files: reload them with SIGHUP");
-                        return;
-                    }
+    let mut watcher: Box<dyn notify::Watcher + Send> = match notify::RecommendedWatcher::new(
+        handler.clone(),
+        notify::Config::default(),
+    ) {
+        Ok(w) => Box::new(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "file events unavailable: polling the TLS files");
+            let config = notify::Config::default()
+                .with_poll_interval(POLL_INTERVAL)
+                .with_compare_contents(true);
+            match notify::PollWatcher::new(handler, config) {
+                Ok(w) => Box::new(w),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch the TLS files: reload them with SIGHUP");
+                    return;
                 }
             }
-        };
+        }
+    };
     let mut dirs: Vec<PathBuf> = endpoints
         .iter()
         .flat_map(|e| {
             let files = e.files();
-            [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
+            [
+                Some(&files.cert),
+                Some(&files.key),
+                files.client_ca.as_ref(),
+            ]
         })
         .flatten()
         .map(|path| match path.parent() {
@@ -409,5 +418,101 @@ pub async fn watch(endpoints: Vec<Arc<TlsEndpoint>>) {
         tokio::time::sleep(SETTLE).await;
         while rx.try_recv().is_ok() {}
         reload_all(&endpoints).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![format!("{name}.test")]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn reloads_new_material_and_refuses_what_does_not_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+            client_ca: None,
+            require_client_cert: false,
+        };
+        let write = |(cert, key): &(String, String)| {
+            std::fs::write(&files.cert, cert).unwrap();
+            std::fs::write(&files.key, key).unwrap();
+        };
+        let first = pair("first");
+        write(&first);
+        let endpoint =
+            TlsEndpoint::load("decision", files.clone(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!(endpoint.current().alpn_protocols, [b"h2".to_vec()]);
+        assert!(matches!(endpoint.reload(), Reload::Unchanged));
+
+        let serving = endpoint.current();
+        let second = pair("second");
+        write(&second);
+        assert!(matches!(endpoint.reload(), Reload::Reloaded));
+        assert!(!Arc::ptr_eq(&serving, &endpoint.current()));
+
+        // Each refusal keeps what serves, and says which file and what is wrong, never its contents.
+        let serving = endpoint.current();
+        let third = pair("third");
+        let key_body: String = second
+            .1
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        for (cert, key, expect) in [
+            (
+                third.0.as_str(),
+                second.1.as_str(),
+                "is not the private key of the certificate in",
+            ),
+            ("garbage", second.1.as_str(), "holds no PEM certificate"),
+            (second.0.as_str(), "", "holds no PEM private key"),
+            (
+                second.0.as_str(),
+                "-----BEGIN PRIVATE KEY-----\nAAAAsecret\n",
+                "a PEM section has no END line",
+            ),
+        ] {
+            std::fs::write(&files.cert, cert).unwrap();
+            std::fs::write(&files.key, key).unwrap();
+            let Reload::Refused(e) = endpoint.reload() else {
+                panic!("`{expect}` must be refused");
+            };
+            let text = e.to_string();
+            assert!(text.contains(expect), "{text}");
+            assert!(text.contains("tls."), "names the file: {text}");
+            assert!(
+                !text.contains("AAAAsecret") && !text.contains(&key_body[..32]),
+                "{text}"
+            );
+            assert!(Arc::ptr_eq(&serving, &endpoint.current()));
+        }
+        std::fs::remove_file(&files.key).unwrap();
+        assert!(matches!(
+            endpoint.reload(),
+            Reload::Refused(TlsError::Read { .. })
+        ));
+
+        // A client CA without certificates is refused at load.
+        write(&third);
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "").unwrap();
+        let mtls = TlsFiles {
+            client_ca: Some(ca),
+            require_client_cert: true,
+            ..files
+        };
+        let err = TlsEndpoint::load("admin", mtls, Arc::new(Metrics::new())).unwrap_err();
+        assert!(
+            err.to_string().contains("ca.crt` holds no PEM certificate"),
+            "{err}"
+        );
     }
 }

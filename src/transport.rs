@@ -99,7 +99,10 @@ impl Connection {
             .map(|(end_entity, intermediates)| {
                 Arc::new(ClientCertificate {
                     end_entity: end_entity.clone().into_owned(),
-                    intermediates: intermediates.iter().map(|c| c.clone().into_owned()).collect(),
+                    intermediates: intermediates
+                        .iter()
+                        .map(|c| c.clone().into_owned())
+                        .collect(),
                 })
             });
         let info = PeerInfo {

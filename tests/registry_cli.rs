@@ -188,6 +188,53 @@ async fn the_cli_administers_the_registry_and_round_trips_an_export() {
         DenyReason::ApplicationDisabled
     );
 
+    // Source principals: validated, the trust domain folded to lower case, replaced as a whole.
+    let bad = cli(
+        &running,
+        &[
+            "entries",
+            "edit",
+            "stranger",
+            "--source-principal",
+            "stranger",
+        ],
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.starts_with("error: INVALID_ARGUMENT: `source_principals[0]` must be a SPIFFE id"),
+        "{stderr}"
+    );
+    let edited = ok(&cli(
+        &running,
+        &[
+            "entries",
+            "edit",
+            "stranger",
+            "--source-principal",
+            "spiffe://Cluster.Local/ns/stranger/sa/stranger",
+            "--source-principal",
+            "spiffe://cluster.local/ns/stranger/sa/stranger-canary",
+            "--json",
+        ],
+    )
+    .await);
+    let edited: serde_json::Value = serde_json::from_str(&edited).unwrap();
+    assert_eq!(
+        edited[0]["source_principals"],
+        serde_json::json!([
+            "spiffe://cluster.local/ns/stranger/sa/stranger",
+            "spiffe://cluster.local/ns/stranger/sa/stranger-canary"
+        ])
+    );
+    let table = ok(&cli(&running, &["entries", "list"]).await);
+    assert!(
+        table.contains("SOURCE PRINCIPALS")
+            && table.contains("spiffe://cluster.local/ns/stranger/sa/stranger-canary"),
+        "{table}"
+    );
+
     // A duplicate: exit 1, the gRPC code on stderr.
     let dup = cli(
         &running,
@@ -276,6 +323,8 @@ async fn the_cli_administers_the_registry_and_round_trips_an_export() {
         "routes:",
         "/orders/*",
         "enabled: false",
+        "source_principals:",
+        "spiffe://cluster.local/ns/stranger/sa/stranger-canary",
     ] {
         assert!(first.contains(needle), "{needle} missing from\n{first}");
     }
@@ -295,6 +344,7 @@ async fn the_cli_administers_the_registry_and_round_trips_an_export() {
         (2, 1, 1, 1),
         "{first}"
     );
+    assert_eq!(parsed.app_entries[0].source_principals.len(), 2, "{first}");
 
     let dir2 = tempfile::tempdir().unwrap();
     let second = start(dir2.path()).await;

@@ -93,7 +93,9 @@ id_type!(
 /// follows the SPIFFE specification (the `spiffe` crate) and also requires a path, since a bare trust
 /// domain names no workload. The trust domain is case-insensitive and kept in lower case, so equal ids
 /// compare equal.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct SpiffeId(String);
 
@@ -102,7 +104,9 @@ pub struct SpiffeId(String);
 pub enum SpiffeIdError {
     #[error("must be a SPIFFE id (`spiffe://trust-domain/path`): {0}")]
     Invalid(spiffe::SpiffeIdError),
-    #[error("must be a SPIFFE id with a path (`spiffe://trust-domain/path`): a trust domain alone names no workload")]
+    #[error(
+        "must be a SPIFFE id with a path (`spiffe://trust-domain/path`): a trust domain alone names no workload"
+    )]
     NoPath,
 }
 

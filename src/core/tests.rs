@@ -796,6 +796,15 @@ fn every_case_decides_as_expected() {
     assert!(missing.is_empty(), "reasons without a case: {missing:?}");
 }
 
+/// (name, token, principal sent, required for every entry, the entry allowed or a message fragment)
+type PrincipalCase<'a> = (
+    &'static str,
+    &'a String,
+    Option<&'static str>,
+    bool,
+    Result<&'static str, &'static str>,
+);
+
 /// The source-principal check (Envoy's `source.principal`, a SPIFFE id): per entry, and for every entry
 /// when required; right after the allowlist, so it is decided before `enabled`, the role and routes.
 #[test]
@@ -807,10 +816,21 @@ fn source_principals_bind_an_entry_to_its_workloads() {
         require_source_principal: true,
         ..settings()
     };
-    // (name, token, principal sent, required for every entry, expected, message fragment)
-    let table: [(&str, &String, Option<&'static str>, bool, Result<&str, &str>); 11] = [
-        ("bound, its workload", &bound, Some(BOUND_WORKLOAD), false, Ok("bound")),
-        ("bound, its other workload", &bound, Some(BOUND_CANARY), false, Ok("bound")),
+    let table: [PrincipalCase; 11] = [
+        (
+            "bound, its workload",
+            &bound,
+            Some(BOUND_WORKLOAD),
+            false,
+            Ok("bound"),
+        ),
+        (
+            "bound, its other workload",
+            &bound,
+            Some(BOUND_CANARY),
+            false,
+            Ok("bound"),
+        ),
         (
             "bound, trust domain in another case",
             &bound,
@@ -818,15 +838,35 @@ fn source_principals_bind_an_entry_to_its_workloads() {
             false,
             Ok("bound"),
         ),
-        ("bound, required too", &bound, Some(BOUND_WORKLOAD), true, Ok("bound")),
-        ("bound, nothing sent", &bound, None, false, Err("no source principal")),
-        ("bound, blank", &bound, Some("  "), false, Err("no source principal")),
+        (
+            "bound, required too",
+            &bound,
+            Some(BOUND_WORKLOAD),
+            true,
+            Ok("bound"),
+        ),
+        (
+            "bound, nothing sent",
+            &bound,
+            None,
+            false,
+            Err("no source principal"),
+        ),
+        (
+            "bound, blank",
+            &bound,
+            Some("  "),
+            false,
+            Err("no source principal"),
+        ),
         (
             "bound, another workload",
             &bound,
             Some("spiffe://cluster.local/ns/billing/sa/billing"),
             false,
-            Err("`spiffe://cluster.local/ns/billing/sa/billing` is not one app entry `bound` may call from"),
+            Err(
+                "`spiffe://cluster.local/ns/billing/sa/billing` is not one app entry `bound` may call from",
+            ),
         ),
         (
             "bound, path case differs",
@@ -842,7 +882,13 @@ fn source_principals_bind_an_entry_to_its_workloads() {
             false,
             Err("is not a SPIFFE id"),
         ),
-        ("unbound, not required: any source", &orders, Some("CN=whatever"), false, Ok("orders")),
+        (
+            "unbound, not required: any source",
+            &orders,
+            Some("CN=whatever"),
+            false,
+            Ok("orders"),
+        ),
         (
             "unbound, required: the entry must name its workloads",
             &orders,

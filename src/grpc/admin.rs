@@ -9,6 +9,7 @@
 
 use crate::core::decision::{Headers, Request};
 use crate::engine::{Authorizer, token_hash};
+use crate::transport::PeerInfo;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +19,6 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
-use crate::transport::PeerInfo;
 
 /// Who may call: the admin app role.
 #[derive(Debug)]

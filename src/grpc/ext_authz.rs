@@ -63,10 +63,7 @@ impl pb::authorization_server::Authorization for ExtAuthz {
         request: tonic::Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let attributes = request.into_inner().attributes.unwrap_or_default();
-        let mut http = attributes
-            .request
-            .and_then(|r| r.http)
-            .unwrap_or_default();
+        let mut http = attributes.request.and_then(|r| r.http).unwrap_or_default();
         // The downstream peer's identity as Envoy verified it: the URI SAN (SPIFFE id) of its client
         // certificate, set only when the caller connected to Envoy over mTLS.
         let source_principal = attributes

@@ -3,6 +3,8 @@
 //! every process it started when the test ends (also on panic).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
+pub mod pki;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -417,6 +419,13 @@ impl Sidecar {
     pub fn spawn(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("s2s-authz.yaml");
+        // A registry store of its own, unless the test chose one: the default (./s2s-authz-data) would
+        // be shared by every test that runs the binary, and one test's entries would decide another's.
+        let config = if config.lines().any(|l| l.starts_with("data_dir:")) {
+            config.to_owned()
+        } else {
+            format!("data_dir: {}\n{config}", dir.path().join("data").display())
+        };
         std::fs::write(&config_path, config).expect("writing the configuration");
         let child = binary()
             .args(["serve", "--log-format", "json", "--config"])
