@@ -914,3 +914,86 @@ fn dockerfile_command_line_is_accepted_by_the_binary() {
     );
     start("Dockerfile CMD", &args, &[]).check_and_stop("Dockerfile CMD");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Envoy with mutual TLS
+
+const ENVOY_MTLS_CONFIG: &str = "deploy/envoy/envoy-mtls.yaml";
+
+/// The TLS context of a listener's filter chain or a cluster.
+fn tls_context(holder: &Value) -> &Value {
+    let socket = &holder["transport_socket"];
+    assert_eq!(socket["name"], "envoy.transport_sockets.tls", "{holder}");
+    &socket["typed_config"]
+}
+
+/// The mTLS variant validates (with its certificate paths pointed at certificates made here, since
+/// Envoy reads them), requires client certificates from workloads (their SPIFFE id is what the sidecar
+/// checks), talks to the sidecar over mTLS with h2 and a checked name, and still fails closed.
+#[test]
+fn envoy_mtls_config_validates_and_keeps_both_hops_mutual() {
+    let envoy: Value = parse_yaml(&read(ENVOY_MTLS_CONFIG), ENVOY_MTLS_CONFIG);
+    let listener = array(&envoy["static_resources"]["listeners"])
+        .iter()
+        .find(|l| l["name"] == "ingress")
+        .expect("a listener named `ingress`");
+    let downstream = tls_context(&listener["filter_chains"][0]);
+    assert_eq!(downstream["require_client_certificate"], true);
+    assert!(
+        downstream["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]
+            .is_string()
+    );
+    let filters = array(&listener["filter_chains"][0]["filters"]);
+    let hcm = &filters[0]["typed_config"];
+    let ext_authz = array(&hcm["http_filters"])
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.ext_authz")
+        .expect("ext_authz")["typed_config"]
+        .clone();
+    assert_eq!(ext_authz["failure_mode_allow"], false);
+    assert_eq!(
+        ext_authz["grpc_service"]["envoy_grpc"]["cluster_name"],
+        "s2s_authz"
+    );
+    let (cluster, endpoint) = cluster_endpoint(&envoy, "s2s_authz");
+    assert!(endpoint.ip().is_loopback());
+    let upstream = tls_context(cluster);
+    let common = &upstream["common_tls_context"];
+    assert_eq!(common["alpn_protocols"], serde_json::json!(["h2"]));
+    assert!(common["tls_certificates"][0]["certificate_chain"]["filename"].is_string());
+    assert!(
+        !array(&common["validation_context"]["match_typed_subject_alt_names"]).is_empty(),
+        "the sidecar's certificate name is checked"
+    );
+
+    let Some(envoy_bin) = support::find_tool(
+        "envoy",
+        "S2S_ENVOY",
+        "envoy_mtls_config_validates_and_keeps_both_hops_mutual",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::Ca::new("mesh CA");
+    ca.write(dir.path(), "ca");
+    ca.server("ingress").write(dir.path(), "ingress");
+    ca.workload("spiffe://cluster.local/ns/orders/sa/envoy")
+        .write(dir.path(), "authz-client");
+    let config =
+        read(ENVOY_MTLS_CONFIG).replace("/etc/envoy/tls", &dir.path().display().to_string());
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(&envoy_bin)
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "envoy --mode validate: {text}");
+    assert!(text.contains("OK"), "{text}");
+}

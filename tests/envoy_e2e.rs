@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use support::pki::{Ca, Leaf};
 use support::{BILLING, ChildGuard, LEGACY_REPORTS, ORDERS, STRANGER, Sidecar, TENANT};
 
 /// Header every test request carries so the upstream's log shows which requests reached it.
@@ -446,4 +447,139 @@ async fn envoy_enforces_sidecar_decisions_end_to_end() {
     assert_ne!(reply.status, 200, "no decision, no access: {}", reply.body);
     assert!(reply.status >= 400, "status {}", reply.status);
     assert!(!reached_upstream(&seen, "sidecar-down"));
+}
+
+const ORDERS_WORKLOAD: &str = "spiffe://cluster.local/ns/orders/sa/orders";
+const BILLING_WORKLOAD: &str = "spiffe://cluster.local/ns/billing/sa/billing";
+
+/// `deploy/envoy/envoy-mtls.yaml` as shipped, moved to loopback ports and a directory of test certificates.
+fn mtls_bootstrap(tls_dir: &Path, sidecar_grpc: SocketAddr, upstream: SocketAddr) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy-mtls.yaml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    for (from, to) in [
+        (
+            "address: 0.0.0.0, port_value: 10443".to_owned(),
+            "address: 127.0.0.1, port_value: 0".to_owned(),
+        ),
+        ("port_value: 9901".to_owned(), "port_value: 0".to_owned()),
+        (
+            "port_value: 50051".to_owned(),
+            format!("port_value: {}", sidecar_grpc.port()),
+        ),
+        (
+            "port_value: 8080".to_owned(),
+            format!("port_value: {}", upstream.port()),
+        ),
+        ("/etc/envoy/tls".to_owned(), tls_dir.display().to_string()),
+    ] {
+        assert!(text.contains(&from), "{} has no `{from}`", path.display());
+        text = text.replace(&from, &to);
+    }
+    text
+}
+
+/// An HTTPS client of Envoy's mTLS listener that trusts `ca` and presents `workload`'s certificate.
+fn workload_client(ca: &Ca, workload: &Leaf) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(support::DEADLINE)
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap()])
+        .identity(reqwest::Identity::from_pem(workload.identity_pem().as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// Mutual TLS all the way, with the shipped `deploy/envoy/envoy-mtls.yaml`: workloads prove who they
+/// are to Envoy with SPIFFE certificates, Envoy asks the sidecar over mTLS, and the sidecar holds the
+/// workload's SPIFFE id (`source.principal`) to the app entry's `source_principals`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_over_mutual_tls_hands_the_workload_identity_to_the_sidecar() {
+    let Some(envoy_bin) = support::find_tool(
+        "envoy",
+        "S2S_ENVOY",
+        "envoy_over_mutual_tls_hands_the_workload_identity_to_the_sidecar",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (envoy_tls, sidecar_tls) = (dir.path().join("envoy"), dir.path().join("sidecar"));
+    std::fs::create_dir_all(&envoy_tls).unwrap();
+    std::fs::create_dir_all(&sidecar_tls).unwrap();
+    let ca = Ca::new("mesh CA");
+    ca.write(&envoy_tls, "ca");
+    let sidecar_ca = ca.write(&sidecar_tls, "ca");
+    ca.server("envoy ingress").write(&envoy_tls, "ingress");
+    ca.workload("spiffe://cluster.local/ns/orders/sa/envoy")
+        .write(&envoy_tls, "authz-client");
+    let (cert, key) = ca.server("s2s-authz").write(&sidecar_tls, "tls");
+
+    let config = format!(
+        "{}grpc_tls:\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n",
+        support::add_to_entry(
+            &support::dev_config(),
+            "orders-service",
+            &format!("source_principals: [\"{ORDERS_WORKLOAD}\"]"),
+        ),
+        cert.display(),
+        key.display(),
+        sidecar_ca.display()
+    );
+    let (upstream, seen) = echo_upstream().await;
+    let sidecar = tokio::task::spawn_blocking(move || Sidecar::start_with_config(&config))
+        .await
+        .unwrap();
+    let envoy = Envoy::start(
+        envoy_bin,
+        mtls_bootstrap(&envoy_tls, sidecar.grpc_addr, upstream),
+    )
+    .await;
+    let bearer = format!("Bearer {}", sidecar.token(&ORDERS));
+    let url = format!("https://{}/orders/42", envoy.listener);
+
+    // The orders workload with the orders app's token: through, with its identity headers.
+    let orders = workload_client(&ca, &ca.workload(ORDERS_WORKLOAD));
+    let response = orders
+        .get(&url)
+        .header("authorization", &bearer)
+        .header(CASE, "orders-workload")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let echoed: Value = serde_json::from_str(&body).unwrap();
+    let echoed = echoed.as_object().unwrap();
+    assert_eq!(values(echoed, "x-s2s-client-app-id"), [ORDERS.client_id]);
+    assert!(reached_upstream(&seen, "orders-workload"));
+
+    // The same token from another workload: the token is genuine, the caller is not the one it was
+    // issued to run on.
+    let billing = workload_client(&ca, &ca.workload(BILLING_WORKLOAD));
+    let response = billing
+        .get(&url)
+        .header("authorization", &bearer)
+        .header(CASE, "billing-workload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-s2s-deny-reason")
+            .and_then(|v| v.to_str().ok()),
+        Some("APPLICATION_NOT_ALLOWED")
+    );
+    assert!(!reached_upstream(&seen, "billing-workload"));
+
+    // Envoy reached the sidecar over TLS with its client certificate (the port requires one).
+    let (_, metrics) = support::http_get(sidecar.metrics_addr, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with(r#"s2s_authz_tls_handshakes_total{port="decision",outcome="ok"}"#)),
+        "{metrics}"
+    );
 }

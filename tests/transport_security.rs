@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::pki::{self, Ca, Leaf};
-use support::{LEGACY_REPORTS, ORDERS, Sidecar, block_on, dev_config, poll};
+use support::{LEGACY_REPORTS, ORDERS, Sidecar, add_to_entry, block_on, dev_config, poll};
 
 const ORDERS_WORKLOAD: &str = "spiffe://cluster.local/ns/orders/sa/orders";
 const BILLING_WORKLOAD: &str = "spiffe://cluster.local/ns/billing/sa/billing";
@@ -567,24 +567,6 @@ fn handshakes_never_hold_up_the_accept_loop_and_time_out() {
     let answer =
         block_on(async move { decide_over_tls(grpc, &ca_pem, None, &token).await }).unwrap();
     assert!(answer.allowed, "{}", answer.message);
-}
-
-/// Adds `line` under the app entry `name` of a configuration in the development layout.
-fn add_to_entry(config: &str, name: &str, line: &str) -> String {
-    let marker = format!("- name: {name}");
-    let mut out = String::new();
-    let mut done = false;
-    for l in config.lines() {
-        out.push_str(l);
-        out.push('\n');
-        if !done && l.trim_start() == marker {
-            let indent = l.len() - l.trim_start().len() + 2;
-            out.push_str(&format!("{}{line}\n", " ".repeat(indent)));
-            done = true;
-        }
-    }
-    assert!(done, "no app entry `{name}`");
-    out
 }
 
 async fn check(addr: SocketAddr, token: &str, principal: Option<&str>) -> CheckResponse {

@@ -340,6 +340,24 @@ pub fn disable_entry(config: &str, name: &str) -> String {
     out
 }
 
+/// Adds `line` under the app entry `name` of a configuration in the layout of the development one.
+pub fn add_to_entry(config: &str, name: &str, line: &str) -> String {
+    let marker = format!("- name: {name}");
+    let mut out = String::new();
+    let mut done = false;
+    for l in config.lines() {
+        out.push_str(l);
+        out.push('\n');
+        if !done && l.trim_start() == marker {
+            let indent = l.len() - l.trim_start().len() + 2;
+            out.push_str(&format!("{}{line}\n", " ".repeat(indent)));
+            done = true;
+        }
+    }
+    assert!(done, "no app entry `{name}` in the configuration");
+    out
+}
+
 /// The `s2s-authz` binary.
 pub fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_s2s-authz"));
