@@ -195,7 +195,22 @@ impl From<tonic::Status> for CliError {
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CliError::Status(s) => write!(f, "{}: {}", code_name(s.code()), s.message()),
+            CliError::Status(s) => {
+                write!(f, "{}: {}", code_name(s.code()), s.message())?;
+                // A call that failed below gRPC (a TLS alert: no or an unknown client certificate)
+                // says why only in its causes.
+                let mut last = s.message().to_owned();
+                let mut source = std::error::Error::source(s);
+                while let Some(cause) = source {
+                    let text = cause.to_string();
+                    if text != last {
+                        write!(f, ": {text}")?;
+                        last = text;
+                    }
+                    source = cause.source();
+                }
+                Ok(())
+            }
             CliError::Other(m) => f.write_str(m),
         }
     }

@@ -234,7 +234,11 @@ fn tls_and_mutual_tls_on_both_ports_with_real_clients() {
         ca_arg,
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("CertificateRequired"),
+        "the CLI says why: {stderr}"
+    );
     let out = cli(&[
         "roles",
         "list",
