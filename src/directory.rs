@@ -326,6 +326,9 @@ impl IssuerDirectory {
         key: &str,
         issuers: Vec<TrustedIssuer>,
     ) -> Result<(), DiscoveryError> {
+        for issuer in &issuers {
+            self.jwks.bind_issuer(&issuer.jwks_uri, &issuer.issuer);
+        }
         let discovered = Discovered { issuers };
         let result = self.refresh_keys(&discovered).await;
         {

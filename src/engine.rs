@@ -12,11 +12,11 @@ use crate::core::trust::TrustSnapshot;
 use crate::core::{Decision, DecisionSettings, Trace, TraceStep};
 use crate::core::{Denied, VerifiedToken};
 use crate::directory::IssuerDirectory;
-use crate::metrics::Metrics;
+use crate::metrics::{Api, Metrics};
 use crate::token_cache::{self, CachedToken, Revalidation, TokenCache, TokenDigest};
 use arc_swap::ArcSwap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The policy a decision is made against: settings and registry, always replaced together.
 #[derive(Debug)]
@@ -94,7 +94,13 @@ impl Authorizer {
         &self.tokens
     }
 
+    /// A decision asked through the native API (`Decide`, or `Explain` with `explain`).
     pub async fn decide(&self, request: &Request<'_>, explain: bool) -> Evaluation {
+        self.decide_via(Api::Native, request, explain).await
+    }
+
+    /// A decision asked through `api`; metrics and the audit line name it.
+    pub async fn decide_via(&self, api: Api, request: &Request<'_>, explain: bool) -> Evaluation {
         let started = Instant::now();
         let mut trace = if explain {
             Trace::enabled()
@@ -111,8 +117,9 @@ impl Authorizer {
         let decision = self
             .evaluate(request, digest.as_ref(), explain, &mut trace)
             .await;
-        self.metrics.decision(decision.reason());
-        audit(request, digest.as_ref(), &decision, started);
+        let elapsed = started.elapsed();
+        self.metrics.decision(api, decision.reason(), elapsed);
+        audit(request, digest.as_ref(), &decision, elapsed);
         Evaluation {
             decision,
             trace: trace.finish(),
@@ -218,12 +225,21 @@ impl Authorizer {
             return None;
         }
         let now = unix_now();
-        let entry = self.tokens.get(digest, now, settings.clock_skew_secs)?;
+        let Some(entry) = self.tokens.get(digest, now, settings.clock_skew_secs) else {
+            self.metrics.token_cache_miss();
+            return None;
+        };
         let keys = self
             .directory
             .jwks()
             .usable(&entry.verified.issuer.jwks_uri);
-        match entry.revalidate(trust, keys.as_ref().map(|k| &k.set), settings) {
+        let revalidation = entry.revalidate(trust, keys.as_ref().map(|k| &k.set), settings);
+        if revalidation == Revalidation::Valid {
+            self.metrics.token_cache_hit();
+        } else {
+            self.metrics.token_cache_miss();
+        }
+        match revalidation {
             Revalidation::Valid => Some(decision::authorize(
                 &entry.verified,
                 request,
@@ -284,12 +300,12 @@ fn audit(
     request: &Request<'_>,
     digest: Option<&TokenDigest>,
     decision: &Decision,
-    started: Instant,
+    elapsed: Duration,
 ) {
     if !audit_enabled() {
         return;
     }
-    let micros = started.elapsed().as_micros() as u64;
+    let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     let hash = match digest {
         Some(d) => short_hash(d),
         None => short_hash(&token_cache::digest(decision::bearer_token(request.token))),

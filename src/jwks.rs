@@ -7,10 +7,10 @@
 
 use crate::core::keys::KeySet;
 use crate::fetch::Fetcher;
-use crate::metrics::Metrics;
+use crate::metrics::{FetchCounters, Metrics};
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -47,6 +47,8 @@ struct KeySlot {
     state: Mutex<RefreshState>,
     /// Bumped when a refresh attempt ends, successful or not; waiters watch it.
     attempts: watch::Sender<u64>,
+    /// This key set's fetch counters, labelled with the issuer whose discovery named it (`bind_issuer`).
+    fetches: OnceLock<FetchCounters>,
 }
 
 #[derive(Debug)]
@@ -83,6 +85,7 @@ impl JwksCache {
                     keys: ArcSwapOption::empty(),
                     state: Mutex::new(RefreshState::default()),
                     attempts: watch::Sender::new(0),
+                    fetches: OnceLock::new(),
                 })
             })
             .clone()
@@ -98,6 +101,14 @@ impl JwksCache {
         slot.keys
             .load_full()
             .filter(|k| k.fetched_at.elapsed() <= self.settings.max_staleness)
+    }
+
+    /// Names the issuer whose discovery document named `uri`, for the fetch metrics; the first
+    /// issuer to name a key set keeps it. Called by discovery before the first fetch.
+    pub fn bind_issuer(&self, uri: &str, issuer: &str) {
+        let slot = self.slot(uri);
+        slot.fetches
+            .get_or_init(|| self.metrics.jwks_fetch_counters(issuer));
     }
 
     pub fn has_loaded(&self, uri: &str) -> bool {
@@ -148,11 +159,10 @@ impl JwksCache {
 
     async fn run_refresh(&self, slot: &KeySlot) {
         let result = self.fetch_keys(&slot.uri).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(_) => "error",
-        };
-        self.metrics.jwks_fetch(&slot.uri, outcome);
+        // A key set nobody's discovery named (only tests refresh such a one) counts under its URI.
+        slot.fetches
+            .get_or_init(|| self.metrics.jwks_fetch_counters(&slot.uri))
+            .record(result.is_ok());
         let error = match result {
             Ok(set) => {
                 tracing::debug!(jwks_uri = %slot.uri, keys = set.len(), skipped = set.skipped, "signing keys refreshed");
@@ -202,17 +212,10 @@ impl JwksCache {
         }
     }
 
-    /// Age of each slot's key set, for metrics and diagnostics.
-    pub fn ages(&self) -> Vec<(String, Option<Duration>)> {
-        self.slots
-            .iter()
-            .map(|s| {
-                (
-                    s.uri.clone(),
-                    s.keys.load().as_ref().map(|k| k.fetched_at.elapsed()),
-                )
-            })
-            .collect()
+    /// How long ago `uri`'s key set was last loaded successfully; `None` when it never was.
+    pub fn age(&self, uri: &str) -> Option<Duration> {
+        let slot = self.slots.get(uri)?;
+        slot.keys.load().as_ref().map(|k| k.fetched_at.elapsed())
     }
 
     /// Forgets slots no trusted issuer uses any more. A slot whose refresh is running is kept: it

@@ -160,6 +160,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         metrics.clone(),
         settings.token_cache_entries,
     ));
+    metrics.observe(&authorizer);
     // The registry publishes the merged allowlist (configuration + store) and its tenants at once.
     // Opening blocks (file or database I/O, migrations), so it runs off the async workers.
     let location = match &settings.database_url {

@@ -379,6 +379,17 @@ impl RegistrySnapshot {
     pub fn entries(&self) -> &[AppEntry] {
         &self.entries
     }
+
+    /// How many resources of each kind the snapshot holds, named as the store names the kinds.
+    pub fn counts(&self) -> [(&'static str, usize); 5] {
+        [
+            ("app_entry", self.entries.len()),
+            ("application_user", self.app_users.len()),
+            ("security_role", self.roles.len()),
+            ("user", self.users.len()),
+            ("route", self.routes.len()),
+        ]
+    }
 }
 
 #[cfg(test)]

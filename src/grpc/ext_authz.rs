@@ -6,6 +6,7 @@
 use crate::core::decision::Request;
 use crate::core::{Decision, DenyReason, ProblemKind};
 use crate::engine::Authorizer;
+use crate::metrics::Api;
 use crate::proto::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
@@ -79,7 +80,10 @@ impl pb::authorization_server::Authorization for ExtAuthz {
             headers: &headers,
             source_principal: source_principal.as_deref(),
         };
-        let evaluation = self.authorizer.decide(&core_request, false).await;
+        let evaluation = self
+            .authorizer
+            .decide_via(Api::ExtAuthz, &core_request, false)
+            .await;
         Ok(Response::new(check_response(
             &evaluation.decision,
             &headers,
