@@ -495,6 +495,8 @@ fn watch(registry: &Weak<Registry>, stop: &AtomicBool, every: Duration) {
     let mut backoff = WATCH_POLL;
     let mut reconnect_at = Instant::now();
     let mut resync_at = Instant::now() + every;
+    // The earliest change made elsewhere that has been heard of but not yet published.
+    let mut unpublished: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
         let Some(this) = registry.upgrade() else {
             return;
@@ -518,7 +520,13 @@ fn watch(registry: &Weak<Registry>, stop: &AtomicBool, every: Duration) {
         }
         let notified = match feed.as_mut() {
             Some(subscription) => match subscription.wait(WATCH_POLL) {
-                Ok(notified) => notified,
+                Ok(notices) => {
+                    unpublished = match (unpublished, notices.earliest_foreign) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    notices.any
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "registry change feed lost; resyncing when it is back");
                     feed = None;
@@ -534,8 +542,16 @@ fn watch(registry: &Weak<Registry>, stop: &AtomicBool, every: Duration) {
         if (due || notified) && !stop.load(Ordering::Acquire) {
             resync_at = Instant::now() + every;
             match this.resync() {
-                Ok(true) => tracing::info!("registry changed in the shared store: published"),
-                Ok(false) => {}
+                Ok(true) => {
+                    if let Some(changed) = unpublished.take() {
+                        this.authorizer
+                            .metrics()
+                            .registry_change_lag(changed.elapsed());
+                    }
+                    tracing::info!("registry changed in the shared store: published");
+                }
+                // Nothing new (the notices were of changes already published): nothing to measure.
+                Ok(false) => unpublished = None,
                 Err(e) => {
                     tracing::warn!(error = %e, "registry resync failed; the last good registry keeps serving")
                 }

@@ -14,7 +14,7 @@ use s2s_authz::proto::s2sauthz::v1::{
 };
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use support::{PgDatabase, STRANGER, Sidecar, TENANT, block_on, dev_config};
+use support::{PgDatabase, STRANGER, Sidecar, TENANT, block_on, dev_config, poll};
 
 /// The contract: a change reaches every sidecar's decisions within one second.
 const PROPAGATION: Duration = Duration::from_secs(1);
@@ -149,6 +149,31 @@ fn denied_with(reason: DenyReason) -> impl Fn(&DecideResponse) -> bool {
     move |r| !r.allowed && r.reason == reason as i32
 }
 
+const LAG: &str = "s2s_authz_registry_change_lag_seconds";
+
+/// How many changes made elsewhere `sidecar` has measured the publication lag of.
+fn lag_count(sidecar: &Sidecar) -> f64 {
+    sidecar.metric(&format!("{LAG}_count"), &[])
+}
+
+/// Waits until `sidecar` has measured `count` lags, and checks they add up to a plausible time: positive,
+/// and no more than the test has been running.
+fn wait_lag_count(sidecar: &Sidecar, count: f64, since: Instant) {
+    let seen = poll(&format!("{LAG}_count to reach {count}"), || {
+        Some(lag_count(sidecar)).filter(|n| *n >= count)
+    });
+    let sum = sidecar.metric(&format!("{LAG}_sum"), &[]);
+    assert!(
+        sum > 0.0 && sum <= since.elapsed().as_secs_f64() * seen,
+        "lag sum {sum} s for {seen} change(s) within {:?}",
+        since.elapsed()
+    );
+    eprintln!(
+        "registry change lag: {seen} change(s), {:.1} ms on average",
+        sum * 1000.0 / seen
+    );
+}
+
 #[test]
 fn a_change_through_either_sidecar_reaches_the_other_within_one_second() {
     let Some(db) = PgDatabase::create("fleet_postgres") else {
@@ -163,6 +188,7 @@ fn a_change_through_either_sidecar_reaches_the_other_within_one_second() {
     )));
 
     // Created through A: B allows the new caller.
+    let started = Instant::now();
     let created = create_entry(a.admin_addr).unwrap();
     let lag = decision_within(
         PROPAGATION,
@@ -174,6 +200,10 @@ fn a_change_through_either_sidecar_reaches_the_other_within_one_second() {
     eprintln!("create on A -> allowed on B: {lag:?}");
     let on_b = decide(b.grpc_addr, &token);
     assert_eq!(on_b.application_user.unwrap().entry_name, ENTRY);
+    // B measured how long A's change took to reach it; A published its own change as it committed,
+    // so it measured nothing (its own notice is not a change made elsewhere).
+    wait_lag_count(&b, 1.0, started);
+    assert_eq!(lag_count(&a), 0.0, "A's own change is no lag");
 
     // Disabled through B: A denies it.
     let disabled = AppEntry {
@@ -189,6 +219,7 @@ fn a_change_through_either_sidecar_reaches_the_other_within_one_second() {
         denied_with(DenyReason::ApplicationDisabled),
     );
     eprintln!("disable on B -> denied on A: {lag:?}");
+    wait_lag_count(&a, 1.0, started);
 
     // Both sidecars hand out the same etags, and a stale one is refused on either.
     assert_eq!(get_entry(a.admin_addr).etag, updated.etag);
@@ -234,6 +265,11 @@ fn a_change_made_straight_in_the_database_reaches_every_sidecar() {
     for sidecar in [&a, &b] {
         decision_within(PROPAGATION, sidecar.grpc_addr, &token, "created", allowed);
     }
+    poll("B to measure A's change", || {
+        (lag_count(&b) == 1.0).then_some(())
+    });
+    let before = [lag_count(&a), lag_count(&b)];
+    let edited = Instant::now();
 
     // Another tool flips `enabled` with SQL: the trigger stamps a new version and notifies.
     let mut sql = db.client();
@@ -257,6 +293,9 @@ fn a_change_made_straight_in_the_database_reaches_every_sidecar() {
     let after = get_entry(b.admin_addr);
     assert!(!after.enabled);
     assert_ne!(after.etag, created.etag, "a direct edit gets a new etag");
+    // The tool's change is a change made elsewhere for both sidecars: each measured its lag.
+    wait_lag_count(&a, before[0] + 1.0, edited);
+    wait_lag_count(&b, before[1] + 1.0, edited);
 }
 
 #[test]
@@ -268,6 +307,10 @@ fn a_change_that_sent_no_notice_is_healed_by_the_resync() {
     let token = a.token(&STRANGER);
     create_entry(a.admin_addr).unwrap();
     decision_within(PROPAGATION, b.grpc_addr, &token, "created", allowed);
+    // Let the notice of the create be handled (a resync may have published it first: then it counts
+    // no lag), so that only the silent delete could move the counts below.
+    b.wait_for_log(&["registry changed in the shared store: published"]);
+    let before = [lag_count(&a), lag_count(&b)];
 
     // Triggers off for this session (as a replication or restore tool would run): no notice is sent.
     let mut sql = db.client();
@@ -288,6 +331,8 @@ fn a_change_that_sent_no_notice_is_healed_by_the_resync() {
             denied_with(DenyReason::ApplicationNotAllowed),
         );
     }
+    // A change without a notice carries no stamp: its lag is unknown, so none is reported.
+    assert_eq!([lag_count(&a), lag_count(&b)], before);
 }
 
 #[test]
@@ -315,7 +360,7 @@ fn the_schema_is_versioned_and_a_lost_connection_is_replaced() {
     let Some(db) = PgDatabase::create("fleet_postgres") else {
         return;
     };
-    // Two sidecars migrating one new database at once: both start, and the schema is at version 1.
+    // Two sidecars migrating one new database at once: both start, and the schema is at version 2.
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| Sidecar::start_with_config(&config(&db, None, 3600)));
         let b = s.spawn(|| Sidecar::start_with_config(&config(&db, None, 3600)));
@@ -326,7 +371,7 @@ fn the_schema_is_versioned_and_a_lost_connection_is_replaced() {
         .query_one("SELECT version FROM s2s_authz_schema", &[])
         .unwrap()
         .get(0);
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
 
     // Every sidecar connection is cut (as by a database restart or failover); the next admin call
     // still succeeds, and the change feed comes back: B still sees A's changes.

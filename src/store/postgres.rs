@@ -4,8 +4,10 @@
 //!   (uniqueness, role in use, etag) sees every committed change of every sidecar.
 //! - A row trigger stamps each insert and update with the next value of one sequence (the etag), so a
 //!   change made straight in the database by another tool still gets a new etag.
-//! - A statement trigger sends `NOTIFY s2s_authz_registry` on every change, whoever makes it;
-//!   `Subscription` is the listening end.
+//! - A statement trigger sends `NOTIFY s2s_authz_registry` on every change, whoever makes it, with the
+//!   database's clock at that statement as the payload (`<operation> <Unix seconds>`);
+//!   `Subscription` is the listening end, and turns those stamps into this process's clock to measure
+//!   how long a change took to be published here (`s2s_authz_registry_change_lag_seconds`).
 //!
 //! Connections are plain TCP (`sslmode=disable` semantics): TLS to the database is not built in yet, so
 //! run the database on a trusted network or reach it through a local TLS proxy.
@@ -15,8 +17,9 @@ use ::postgres::fallible_iterator::FallibleIterator;
 use ::postgres::{Client, NoTls};
 use std::cell::RefCell;
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// The channel every change is announced on.
 pub const CHANNEL: &str = "s2s_authz_registry";
@@ -49,6 +52,15 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER s2s_authz_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON s2s_authz_resources
         FOR EACH STATEMENT EXECUTE FUNCTION s2s_authz_notify();",
+    // 2: the change notice carries the database's clock at the changing statement, so listeners can
+    // tell how long the change took to reach them. (Distinct payloads are not folded into one notice
+    // per transaction; a listener reads them all at once.)
+    "CREATE OR REPLACE FUNCTION s2s_authz_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('s2s_authz_registry',
+            TG_OP || ' ' || extract(epoch FROM clock_timestamp())::text);
+        RETURN NULL;
+    END $$;",
 ];
 
 const SELECT_ALL: &str = "SELECT kind, key, body::text, version FROM s2s_authz_resources
@@ -136,6 +148,9 @@ pub(super) struct Postgres {
     url: DatabaseUrl,
     /// `None` after a failed reconnect; reconnected at the next call.
     client: Mutex<Option<Client>>,
+    /// The server process of `client`: notices it sent are this process's own changes, which were
+    /// published when they committed.
+    writer_pid: Arc<AtomicI32>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -171,10 +186,12 @@ impl Postgres {
     pub(super) fn open(url: &DatabaseUrl) -> Result<Postgres, StoreError> {
         let mut client = url.connect()?;
         migrate(&mut client)?;
+        let writer_pid = Arc::new(AtomicI32::new(backend_pid(&mut client)?));
         tracing::info!(database = %url, "registry store: postgresql");
         Ok(Postgres {
             url: url.clone(),
             client: Mutex::new(Some(client)),
+            writer_pid,
         })
     }
 
@@ -188,7 +205,10 @@ impl Postgres {
             .is_some_and(|c| !c.is_closed() && c.batch_execute("").is_ok());
         if !alive {
             drop_off_runtime(guard.take());
-            *guard = Some(self.url.connect()?);
+            let mut client = self.url.connect()?;
+            self.writer_pid
+                .store(backend_pid(&mut client)?, Ordering::Relaxed);
+            *guard = Some(client);
             tracing::info!(database = %self.url, "registry store: reconnected");
         }
         Ok(guard)
@@ -226,8 +246,13 @@ impl Postgres {
         client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
         Ok(Subscription {
             client: Some(client),
+            writer_pid: self.writer_pid.clone(),
         })
     }
+}
+
+fn backend_pid(client: &mut Client) -> Result<i32, StoreError> {
+    Ok(client.query_one("SELECT pg_backend_pid()", &[])?.get(0))
 }
 
 /// Takes the writers' advisory lock for the rest of the transaction, waiting at most `LOCK_TIMEOUT`.
@@ -324,6 +349,20 @@ pub(super) fn rows(client: &mut impl ::postgres::GenericClient) -> Result<Vec<Ro
 /// The listening end of the change channel: its own connection, `LISTEN`ing.
 pub struct Subscription {
     client: Option<Client>,
+    writer_pid: Arc<AtomicI32>,
+}
+
+/// What one wait on the change feed heard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Notices {
+    /// At least one change notice arrived.
+    pub any: bool,
+    /// When the earliest change made by someone else (another sidecar, a tool) happened, on this
+    /// process's monotonic clock. The database stamps each notice with its own clock; the age of the
+    /// stamp is computed against the database's clock too, right after the notices are read, so the
+    /// hosts' clocks need not agree. `None` when every notice came from this process's own writes or
+    /// carried no stamp.
+    pub earliest_foreign: Option<Instant>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -333,25 +372,53 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// Waits up to `timeout` for change notices. `Ok(true)` when at least one arrived (all pending ones
-    /// are consumed); an error when the connection is lost (subscribe again, then resync: notices sent
-    /// meanwhile are gone).
-    pub fn wait(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+    /// Waits up to `timeout` for change notices and consumes every pending one; an error when the
+    /// connection is lost (subscribe again, then resync: notices sent meanwhile are gone).
+    pub fn wait(&mut self, timeout: Duration) -> Result<Notices, StoreError> {
         let Some(client) = self.client.as_mut() else {
             return Err(StoreError::Disconnected);
         };
-        let first = client.notifications().timeout_iter(timeout).next()?;
-        if first.is_none() {
+        let Some(first) = client.notifications().timeout_iter(timeout).next()? else {
             return if client.is_closed() {
                 Err(StoreError::Disconnected)
             } else {
-                Ok(false)
+                Ok(Notices::default())
             };
+        };
+        let own = self.writer_pid.load(Ordering::Relaxed);
+        let stamp = |n: &::postgres::Notification| {
+            (n.process_id() != own)
+                .then(|| n.payload().split_once(' '))
+                .flatten()
+                .and_then(|(_, at)| at.parse::<f64>().ok())
+                .filter(|at| at.is_finite())
+        };
+        let mut earliest = stamp(&first);
+        {
+            let mut notifications = client.notifications();
+            let mut pending = notifications.iter();
+            while let Some(n) = pending.next()? {
+                earliest = match (earliest, stamp(&n)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
         }
-        let mut notifications = client.notifications();
-        let mut pending = notifications.iter();
-        while pending.next()?.is_some() {}
-        Ok(true)
+        let earliest_foreign = match earliest {
+            None => None,
+            Some(at) => {
+                let now: f64 = client
+                    .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])?
+                    .get(0);
+                let local_now = Instant::now();
+                let age = Duration::try_from_secs_f64(now - at).unwrap_or(Duration::ZERO);
+                Some(local_now.checked_sub(age).unwrap_or(local_now))
+            }
+        };
+        Ok(Notices {
+            any: true,
+            earliest_foreign,
+        })
     }
 }
 

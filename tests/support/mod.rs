@@ -652,6 +652,67 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Metrics
+
+/// The value of the sample `name` (e.g. `s2s_authz_decisions_total`) in Prometheus/OpenMetrics text whose
+/// labels include every one of `labels`; `None` when there is no such sample.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
+                None => (series, Vec::new()),
+            };
+            let matches = series_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| series_labels.iter().any(|(lk, lv)| lk == k && lv == v));
+            matches.then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// `k1="v1",k2="v2"` (values with `\"` and `\\` escapes) as pairs.
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').to_owned(), value));
+        rest = &after[end..];
+    }
+    out
+}
+
+impl Sidecar {
+    /// The body of `GET /metrics`; fails the test when the port does not answer 200.
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_get(self.metrics_addr, "/metrics")
+            .unwrap_or_else(|| panic!("/metrics of {} does not answer", self.metrics_addr));
+        assert_eq!(status, 200, "/metrics: {body}");
+        body
+    }
+
+    /// One sample of `/metrics` (see `metric`), 0 when the series does not exist (yet).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.metrics(), name, labels).unwrap_or(0.0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // PostgreSQL
 
 /// A database of its own for one test, in the server at `$S2S_POSTGRES_URL` (started by `scripts/test`);
