@@ -119,7 +119,7 @@ impl Authorizer {
             .await;
         let elapsed = started.elapsed();
         self.metrics.decision(api, decision.reason(), elapsed);
-        audit(request, digest.as_ref(), &decision, elapsed);
+        audit(api, request, digest.as_ref(), &decision, elapsed);
         Evaluation {
             decision,
             trace: trace.finish(),
@@ -295,8 +295,12 @@ fn audit_enabled() -> bool {
     tracing::enabled!(target: "s2s_authz::audit", tracing::Level::INFO)
 }
 
-/// The audit line. `digest` is the token's SHA-256 when the caller already computed it.
+/// The audit record of one decision: the same fields for allow and deny (empty when not known), so
+/// that a log pipeline can rely on its shape. The log layer adds the time. Never the token: a short
+/// hash of it (`token_hash`), empty when no token was sent. `digest` is the token's SHA-256 when the
+/// caller already computed it.
 fn audit(
+    api: Api,
     request: &Request<'_>,
     digest: Option<&TokenDigest>,
     decision: &Decision,
@@ -305,36 +309,53 @@ fn audit(
     if !audit_enabled() {
         return;
     }
-    let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    let raw = decision::bearer_token(request.token);
     let hash = match digest {
-        Some(d) => short_hash(d),
-        None => short_hash(&token_cache::digest(decision::bearer_token(request.token))),
+        Some(d) => Some(short_hash(d)),
+        None if raw.is_empty() => None,
+        None => Some(short_hash(&token_cache::digest(raw))),
     };
-    let token_hash = hash.as_str();
-    match decision {
-        Decision::Allow(a) => tracing::info!(
-            target: "s2s_authz::audit",
-            decision = "allow",
-            token_hash = %token_hash,
-            tenant = %a.caller.tenant_id.as_str(),
-            client_app_id = a.caller.client_app_id.as_ref().map(|c| c.as_str()).unwrap_or(""),
-            application_user = %a.application_user_name.as_str(),
-            role = %a.security_role.as_str(),
-            micros,
-            "decision"
+    let token_hash = hash.as_ref().map_or("", ShortHash::as_str);
+    let (result, reason, caller, user_id, user_name, role, effective_user, detail) = match decision
+    {
+        Decision::Allow(a) => (
+            "allow",
+            "",
+            Some(&a.caller),
+            a.application_user_id.as_str(),
+            a.application_user_name.as_str(),
+            a.security_role.as_str(),
+            a.effective_user.as_ref().map_or("", |u| u.as_str()),
+            "",
         ),
-        Decision::Deny(d) => tracing::info!(
-            target: "s2s_authz::audit",
-            decision = "deny",
-            token_hash = %token_hash,
-            reason = d.reason.as_str(),
-            tenant = d.caller.as_ref().map(|c| c.tenant_id.as_str()).unwrap_or(""),
-            client_app_id = d.caller.as_ref().and_then(|c| c.client_app_id.as_ref()).map(|c| c.as_str()).unwrap_or(""),
-            detail = %d.message.as_str(),
-            micros,
-            "decision"
+        Decision::Deny(d) => (
+            "deny",
+            d.reason.as_str(),
+            d.caller.as_ref(),
+            "",
+            "",
+            "",
+            "",
+            d.message.as_str(),
         ),
-    }
+    };
+    tracing::info!(
+        target: "s2s_authz::audit",
+        api = api.as_str(),
+        decision = result,
+        reason,
+        token_hash,
+        tenant = caller.map_or("", |c| c.tenant_id.as_str()),
+        client_app_id = caller.and_then(|c| c.client_app_id.as_ref()).map_or("", |c| c.as_str()),
+        application_user = user_name,
+        application_user_id = user_id,
+        role,
+        effective_user,
+        latency_us,
+        detail,
+        "decision"
+    );
 }
 
 #[cfg(test)]

@@ -365,6 +365,7 @@ pub fn binary() -> Command {
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy().into_owned();
         if key.starts_with("S2S_AUTHZ_")
+            || key.starts_with("OTEL_")
             || key.starts_with("ServiceAuth")
             || key == "ServiceObjectIds"
             || key == "ServiceApplicationIds"
@@ -425,7 +426,17 @@ impl Sidecar {
 
     /// Starts the binary with `config` (which must use port 0 and a `dev_issuer`) and waits until ready.
     pub fn start_with_config(config: &str) -> Self {
-        let sidecar = Self::spawn(config);
+        Self::start_with(config, &Options::default())
+    }
+
+    /// Starts the binary with `config` and waits only until it has announced its listeners.
+    pub fn spawn(config: &str) -> Self {
+        Self::spawn_with(config, &Options::default())
+    }
+
+    /// `start_with_config` with other options (log format, environment).
+    pub fn start_with(config: &str, options: &Options) -> Self {
+        let sidecar = Self::spawn_with(config, options);
         poll("/readyz to answer 200 (signing keys loaded)", || {
             (http_get(sidecar.metrics_addr, "/readyz").map(|(status, _)| status) == Some(200))
                 .then_some(())
@@ -433,8 +444,8 @@ impl Sidecar {
         sidecar
     }
 
-    /// Starts the binary with `config` and waits only until it has announced its listeners.
-    pub fn spawn(config: &str) -> Self {
+    /// `spawn` with other options (log format, environment).
+    pub fn spawn_with(config: &str, options: &Options) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("s2s-authz.yaml");
         // A registry store of its own, unless the test chose one: the default (./s2s-authz-data) would
@@ -445,9 +456,11 @@ impl Sidecar {
             format!("data_dir: {}\n{config}", dir.path().join("data").display())
         };
         std::fs::write(&config_path, config).expect("writing the configuration");
+        let format = options.log_format;
         let child = binary()
-            .args(["serve", "--log-format", "json", "--config"])
+            .args(["serve", "--log-format", format.as_str(), "--config"])
             .arg(&config_path)
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -467,7 +480,7 @@ impl Sidecar {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(json) = parse_log_line(&line, format) {
                     let _ = tx.send(json);
                 }
                 sink.lock().unwrap().push(line);
@@ -527,6 +540,14 @@ impl Sidecar {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Every log record so far, parsed (see `parse_log_line`), in the format the process was started with.
+    pub fn records(&self, format: LogFormat) -> Vec<serde_json::Value> {
+        self.logs()
+            .iter()
+            .filter_map(|l| parse_log_line(l, format))
+            .collect()
+    }
+
     /// Waits until a stderr line contains every one of `texts`, and returns it.
     pub fn wait_for_log(&self, texts: &[&str]) -> String {
         poll(&format!("a log line containing {texts:?}"), || {
@@ -573,6 +594,98 @@ impl Sidecar {
             .as_str()
             .expect("access_token")
             .to_owned()
+    }
+}
+
+/// The sidecar's `--log-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        }
+    }
+}
+
+/// How to start a sidecar, besides its configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub log_format: LogFormat,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// One log line as JSON, in the shape of the JSON format (`timestamp`, `level`, `target`, and `fields`
+/// with `message`). A text line (`<time> <LEVEL> <target>: <message> k=v k="v" …`, values quoted when the
+/// code logged a string) is parsed into the same shape, its values as strings. `None` for lines that are
+/// not log records.
+pub fn parse_log_line(line: &str, format: LogFormat) -> Option<serde_json::Value> {
+    match format {
+        LogFormat::Json => serde_json::from_str(line).ok(),
+        LogFormat::Text => {
+            let (timestamp, rest) = line.split_once(' ')?;
+            let (level, rest) = rest.trim_start().split_once(' ')?;
+            let (target, rest) = rest.trim_start().split_once(": ")?;
+            let (message, mut pairs) = split_message(rest);
+            let mut fields = serde_json::Map::new();
+            fields.insert("message".to_owned(), message.into());
+            while let Some((key, value, after)) = next_pair(pairs) {
+                fields.insert(key, value.into());
+                pairs = after;
+            }
+            Some(serde_json::json!({
+                "timestamp": timestamp,
+                "level": level,
+                "target": target,
+                "fields": fields,
+            }))
+        }
+    }
+}
+
+/// The message of a text record and the `k=v` pairs after it: the message ends at the first space
+/// that is followed by `word=`.
+fn split_message(rest: &str) -> (&str, &str) {
+    let mut at = 0;
+    while let Some(i) = rest[at..].find(' ') {
+        let start = at + i + 1;
+        let word: String = rest[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+            .collect();
+        if !word.is_empty() && rest[start + word.len()..].starts_with('=') {
+            return (&rest[..at + i], &rest[start..]);
+        }
+        at = start;
+    }
+    (rest, "")
+}
+
+/// The next `key=value` or `key="value"` of a text record, with what follows it.
+fn next_pair(text: &str) -> Option<(String, String, &str)> {
+    let text = text.trim_start();
+    let (key, after) = text.split_once('=')?;
+    if let Some(quoted) = after.strip_prefix('"') {
+        let mut value = String::new();
+        let mut chars = quoted.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                '"' => return Some((key.to_owned(), value, &quoted[i + 1..])),
+                c => value.push(c),
+            }
+        }
+        None
+    } else {
+        let end = after.find(' ').unwrap_or(after.len());
+        Some((key.to_owned(), after[..end].to_owned(), &after[end..]))
     }
 }
 
