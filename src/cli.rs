@@ -1,6 +1,7 @@
 //! The command line: `s2s-authz serve` (with logging set up and signals handled) and `s2s-authz registry`.
 
 use crate::config::{self, LogFormat, MctSettings, ServeArgs};
+use crate::telemetry::{self, OtlpExport, TelemetryError, Tracing};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -37,7 +38,21 @@ pub fn run(cli: Cli) -> ExitCode {
 /// queue is empty, so lines appear at once when the service is quiet. The queue holds 128k lines; when
 /// it is full, request threads wait rather than drop audit records. The returned guard flushes the rest
 /// when dropped: keep it until the process ends.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+///
+/// With `export`, spans also go to an OpenTelemetry collector (`telemetry`); that must be set up inside
+/// the Tokio runtime the service runs on. Without it, spans are disabled at their callsites and the log
+/// layer is filtered globally, exactly as it is without telemetry at all.
+fn init_logging(
+    format: LogFormat,
+    export: Option<&OtlpExport>,
+) -> (
+    tracing_appender::non_blocking::WorkerGuard,
+    Result<Option<Tracing>, TelemetryError>,
+) {
+    use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{Layer as _, Registry};
     const LOG_BUFFER_BYTES: usize = 64 * 1024;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -49,15 +64,47 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
             LOG_BUFFER_BYTES,
             std::io::stderr(),
         ));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let Some(export) = export else {
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(filter_fn(telemetry::logged))
+            .with(log_layer(format, writer, ansi))
+            .try_init();
+        return (guard, Ok(None));
+    };
+    let logs = log_layer::<Registry>(format, writer, ansi)
+        .with_filter(filter.and(filter_fn(telemetry::logged)));
+    match telemetry::layer::<Registry>(export) {
+        Ok((spans, tracing)) => {
+            let _ = tracing_subscriber::registry()
+                .with(vec![logs.boxed(), spans.boxed()])
+                .try_init();
+            (guard, Ok(Some(tracing)))
+        }
+        Err(e) => {
+            let _ = tracing_subscriber::registry().with(logs).try_init();
+            (guard, Err(e))
+        }
+    }
+}
+
+/// The log lines, in `format`, to `writer`.
+fn log_layer<S>(
+    format: LogFormat,
+    writer: tracing_appender::non_blocking::NonBlocking,
+    ansi: bool,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    guard
+    match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    }
 }
 
 fn load(args: &ServeArgs) -> Result<config::Settings, String> {
@@ -66,26 +113,46 @@ fn load(args: &ServeArgs) -> Result<config::Settings, String> {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    // Dropped last, after every log line of the run has been queued.
-    let _log_writer = init_logging(args.log_format);
-    let settings = match load(&args) {
-        Ok(s) => s,
-        Err(e) => {
+    // Configuration comes first: it says whether spans are exported, which logging must know. Reading it
+    // logs nothing, so nothing is lost before logging is set up; its errors are logged right after.
+    let settings = load(&args);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    let export = match &settings {
+        Ok(s) => telemetry::otlp_export(s.otlp_endpoint.as_deref(), |k| std::env::var(k).ok())
+            .map_err(|e| e.to_string()),
+        Err(_) => Ok(None),
+    };
+    let (_log_writer, tracing) = {
+        // The exporter's gRPC channel spawns its connection task on the runtime it is built in.
+        let _runtime = runtime.as_ref().ok().map(tokio::runtime::Runtime::enter);
+        let export = runtime
+            .as_ref()
+            .ok()
+            .and_then(|_| export.as_ref().ok().cloned().flatten());
+        init_logging(args.log_format, export.as_ref())
+    };
+    let (settings, export, tracing) = match (settings, export, tracing) {
+        (Ok(s), Ok(export), Ok(tracing)) => (s, export, tracing),
+        (Err(e), _, _) | (_, Err(e), _) => {
             tracing::error!("configuration error: {e}");
             return ExitCode::from(2);
         }
+        (_, _, Err(e)) => {
+            tracing::error!("configuration error: cannot export spans: {e}");
+            return ExitCode::from(2);
+        }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let exporting = export.filter(|_| tracing.is_some());
+    let code = runtime.block_on(async move {
         // Installed before the ports open: a signal that arrives during start-up must not take the
         // default action (SIGHUP would kill the process).
         let mut signals = match Signals::install() {
@@ -102,11 +169,23 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(export) = exporting {
+            tracing::info!(endpoint = %export.endpoint, "exporting spans over OTLP");
+        }
         signals.wait_for_stop(&running, &args).await;
         tracing::info!("shutting down: draining in-flight calls");
         running.shutdown().await;
         ExitCode::SUCCESS
-    })
+    });
+    // The spans still queued go out now, while the runtime that drives the exporter's connection is
+    // alive; then the runtime, and last the log writer, which flushes every line of the run.
+    if let Some(tracing) = tracing
+        && let Err(e) = tracing.shutdown()
+    {
+        tracing::warn!("exporting the last spans failed: {e}");
+    }
+    drop(runtime);
+    code
 }
 
 #[cfg(unix)]

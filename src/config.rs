@@ -87,6 +87,15 @@ pub struct FileConfig {
     pub users: Vec<UserFile>,
     pub routes: Vec<RouteFile>,
     pub dev_issuer: Option<DevIssuerFile>,
+    pub telemetry: TelemetryFile,
+}
+
+/// Span export. The standard `OTEL_*` variables apply too (README, Observability).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryFile {
+    /// The OTLP collector's gRPC endpoint (`http://host:4317`); export is off without one.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -392,6 +401,10 @@ pub struct ServeArgs {
     /// The app role admin tokens must carry [default: S2SAuthz.Admin].
     #[arg(long, env = "S2S_AUTHZ_ADMIN_ROLE")]
     pub admin_role: Option<String>,
+    /// Export spans over OTLP/gRPC to this collector (`http://host:4317`) [default: off, unless
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set].
+    #[arg(long, env = "S2S_AUTHZ_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log format: `text` or `json` (filter with `RUST_LOG`) [default: text].
     #[arg(long, env = "S2S_AUTHZ_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -505,6 +518,9 @@ pub struct Settings {
     pub admin_role: Option<String>,
     pub dev_issuer: Option<DevIssuerConfig>,
     pub log_format: LogFormat,
+    /// The OTLP collector spans go to, from the flag or the file (the `OTEL_*` variables are resolved
+    /// with it by `telemetry::otlp_export`).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Reads the file (if any) and resolves it with flags and the MCT variables.
@@ -751,6 +767,14 @@ pub fn resolve(
     if tls.handshake_timeout.is_zero() {
         return Err(invalid("tls_handshake_timeout_ms", "must be positive"));
     }
+    let otlp_endpoint = args
+        .otlp_endpoint
+        .as_deref()
+        .or(file.telemetry.otlp_endpoint.as_deref())
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(otlp_endpoint)
+        .transpose()?;
     Ok(Settings {
         grpc_addr: addr(
             args.grpc_addr,
@@ -788,6 +812,7 @@ pub fn resolve(
         admin_role,
         dev_issuer,
         log_format: args.log_format,
+        otlp_endpoint,
     })
 }
 
@@ -860,6 +885,25 @@ fn tls_files(
         client_ca,
         require_client_cert,
     }))
+}
+
+/// An OTLP/gRPC collector endpoint: a plain `http://` URL with a host (TLS to the collector is not built
+/// in: keep the collector on the node or on a trusted network).
+fn otlp_endpoint(endpoint: &str) -> Result<String, ConfigError> {
+    let field = "telemetry.otlp_endpoint";
+    let url = reqwest::Url::parse(endpoint)
+        .map_err(|e| invalid(field, format!("`{endpoint}` is not a URL ({e})")))?;
+    match url.scheme() {
+        "http" if url.host_str().is_some() => Ok(endpoint.to_owned()),
+        "https" => Err(invalid(
+            field,
+            "TLS to the collector is not built in: use `http://` to a collector on the node or a trusted network",
+        )),
+        _ => Err(invalid(
+            field,
+            format!("`{endpoint}` must be an `http://host:port` URL"),
+        )),
+    }
 }
 
 fn normalise_tenant(t: &str) -> String {
@@ -1216,6 +1260,38 @@ mod tests {
         assert_eq!(settings.instance, format!("http://{}/", dev.addr));
         assert!(!settings.tenants.is_empty());
         assert!(!settings.registry.entries().is_empty());
+    }
+
+    #[test]
+    fn the_otlp_endpoint_comes_from_the_flag_or_the_file_and_is_plain_http() {
+        let resolve_with = |yaml: &str, flag: Option<&str>| {
+            let file = parse_yaml(yaml, "t").unwrap();
+            let args = ServeArgs {
+                otlp_endpoint: flag.map(str::to_owned),
+                ..ServeArgs::default()
+            };
+            resolve(file, &args, &MctSettings::default())
+        };
+        let base = "auth: {audiences: [x]}\n";
+        assert_eq!(resolve_with(base, None).unwrap().otlp_endpoint, None);
+        let file = format!("{base}telemetry: {{otlp_endpoint: \"http://collector:4317\"}}");
+        let settings = resolve_with(&file, None).unwrap();
+        assert_eq!(
+            settings.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        let settings = resolve_with(&file, Some("http://127.0.0.1:4317")).unwrap();
+        assert_eq!(
+            settings.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        for bad in ["https://collector:4317", "collector:4317", "http://"] {
+            let err = resolve_with(base, Some(bad)).unwrap_err();
+            assert!(
+                err.to_string().contains("telemetry.otlp_endpoint"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -258,6 +258,7 @@ impl IssuerDirectory {
         Ok(meta)
     }
 
+    #[tracing::instrument(name = "issuer.discovery", skip_all, fields(tenant = tenant))]
     async fn discover_tenant(self: &Arc<Self>, tenant: &str) -> Result<(), DiscoveryError> {
         self.lock()
             .last_attempt
@@ -296,6 +297,7 @@ impl IssuerDirectory {
         self.finish_discovery(tenant, issuers).await
     }
 
+    #[tracing::instrument(name = "issuer.discovery", skip_all, fields(issuer = oidc.issuer.as_str()))]
     async fn discover_oidc(self: &Arc<Self>, oidc: &OidcIssuer) -> Result<(), DiscoveryError> {
         self.lock()
             .last_attempt

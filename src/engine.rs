@@ -17,6 +17,8 @@ use crate::token_cache::{self, CachedToken, Revalidation, TokenCache, TokenDiges
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 /// The policy a decision is made against: settings and registry, always replaced together.
 #[derive(Debug)]
@@ -114,10 +116,29 @@ impl Authorizer {
             && raw.len() <= MAX_TOKEN_BYTES
             && (self.tokens.is_enabled() || audit_enabled()))
         .then(|| token_cache::digest(raw));
+        // A span per decision (and its stages) for OpenTelemetry; without an exporter the callsites are
+        // disabled, and all of this is a couple of loads.
+        let span = tracing::info_span!(
+            "decision",
+            api = api.as_str(),
+            decision = Empty,
+            reason = Empty,
+            token_cache = Empty,
+            token_hash = Empty,
+            tenant = Empty,
+            client_app_id = Empty,
+        );
+        if !span.is_disabled() {
+            crate::telemetry::adopt_remote_parent(&span, request.headers);
+        }
         let decision = self
-            .evaluate(request, digest.as_ref(), explain, &mut trace)
+            .evaluate(request, digest.as_ref(), explain, &mut trace, &span)
+            .instrument(span.clone())
             .await;
         let elapsed = started.elapsed();
+        if !span.is_disabled() {
+            record_decision(&span, &decision, digest.as_ref());
+        }
         self.metrics.decision(api, decision.reason(), elapsed);
         audit(api, request, digest.as_ref(), &decision, elapsed);
         Evaluation {
@@ -132,6 +153,7 @@ impl Authorizer {
         digest: Option<&TokenDigest>,
         explain: bool,
         trace: &mut Trace,
+        span: &Span,
     ) -> Decision {
         // `Explain` always takes the full path, so that its trace shows every check actually made.
         if !explain && let Some(digest) = digest {
@@ -139,7 +161,9 @@ impl Authorizer {
             // `Arc<Policy>`, whose counter would otherwise bounce between the cores on every call.
             let policy = self.allowlist.current.load();
             let trust = self.directory.trust();
-            if let Some(decision) = self.decide_cached(digest, request, &policy, &trust) {
+            let cached = self.decide_cached(digest, request, &policy, &trust);
+            span.record("token_cache", if cached.is_some() { "hit" } else { "miss" });
+            if let Some(decision) = cached {
                 return decision;
             }
         }
@@ -150,14 +174,16 @@ impl Authorizer {
             Err(denied) => return Decision::Deny(denied),
         };
         let now = unix_now();
-        let decision = decision::authorize(
-            &verified,
-            request,
-            &policy.settings,
-            &policy.registry,
-            now,
-            trace,
-        );
+        let decision = tracing::info_span!("decision.authorize").in_scope(|| {
+            decision::authorize(
+                &verified,
+                request,
+                &policy.settings,
+                &policy.registry,
+                now,
+                trace,
+            )
+        });
         // Cache the verification (never a failure): what `verify` returned, with the key it used.
         if let Some(digest) = digest {
             self.tokens.insert(
@@ -179,17 +205,23 @@ impl Authorizer {
         trust: &TrustSnapshot,
         trace: &mut Trace,
     ) -> Result<VerifiedToken, Box<Denied>> {
-        let pre = decision::precheck(request, &policy.settings, trust, trace)?;
+        let pre = tracing::info_span!("decision.precheck")
+            .in_scope(|| decision::precheck(request, &policy.settings, trust, trace))?;
+        // The one stage that may wait: for a refresh, when the token names a `kid` the set lacks.
         let loaded = self
             .directory
             .jwks()
             .lookup(&pre.issuer.jwks_uri, pre.kid())
+            .instrument(tracing::info_span!(
+                "decision.key_lookup",
+                issuer = pre.issuer.issuer.as_str()
+            ))
             .await;
         let keys = match &loaded {
             Some(k) => KeyLookup::Loaded(&k.set),
             None => KeyLookup::Unavailable,
         };
-        decision::verify(pre, keys, trace)
+        tracing::info_span!("decision.verify").in_scope(|| decision::verify(pre, keys, trace))
     }
 
     /// Verifies a token as a decision would, up to and including its lifetime and audience, without
@@ -240,14 +272,16 @@ impl Authorizer {
             self.metrics.token_cache_miss();
         }
         match revalidation {
-            Revalidation::Valid => Some(decision::authorize(
-                &entry.verified,
-                request,
-                settings,
-                &policy.registry,
-                now,
-                &mut Trace::disabled(),
-            )),
+            Revalidation::Valid => Some(tracing::info_span!("decision.authorize").in_scope(|| {
+                decision::authorize(
+                    &entry.verified,
+                    request,
+                    settings,
+                    &policy.registry,
+                    now,
+                    &mut Trace::disabled(),
+                )
+            })),
             Revalidation::Stale => {
                 self.tokens.remove(digest, &entry);
                 None
@@ -289,6 +323,30 @@ fn short_hash(digest: &TokenDigest) -> ShortHash {
         out[2 * i + 1] = HEX[usize::from(b & 0x0f)];
     }
     ShortHash(out)
+}
+
+/// The outcome on the decision's span: the same fields as the audit record's, never the token.
+fn record_decision(span: &Span, decision: &Decision, digest: Option<&TokenDigest>) {
+    let caller = match decision {
+        Decision::Allow(a) => {
+            span.record("decision", "allow");
+            Some(&a.caller)
+        }
+        Decision::Deny(d) => {
+            span.record("decision", "deny");
+            span.record("reason", d.reason.as_str());
+            d.caller.as_ref()
+        }
+    };
+    if let Some(caller) = caller {
+        span.record("tenant", caller.tenant_id.as_str());
+        if let Some(app) = &caller.client_app_id {
+            span.record("client_app_id", app.as_str());
+        }
+    }
+    if let Some(digest) = digest {
+        span.record("token_hash", short_hash(digest).as_str());
+    }
 }
 
 fn audit_enabled() -> bool {

@@ -13,6 +13,7 @@ use dashmap::DashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 #[derive(Clone, Debug)]
 pub struct KeySettings {
@@ -47,8 +48,8 @@ struct KeySlot {
     state: Mutex<RefreshState>,
     /// Bumped when a refresh attempt ends, successful or not; waiters watch it.
     attempts: watch::Sender<u64>,
-    /// This key set's fetch counters, labelled with the issuer whose discovery named it (`bind_issuer`).
-    fetches: OnceLock<FetchCounters>,
+    /// The issuer whose discovery named this key set (`bind_issuer`), and its fetch counters.
+    issuer: OnceLock<(String, FetchCounters)>,
 }
 
 #[derive(Debug)]
@@ -85,7 +86,7 @@ impl JwksCache {
                     keys: ArcSwapOption::empty(),
                     state: Mutex::new(RefreshState::default()),
                     attempts: watch::Sender::new(0),
-                    fetches: OnceLock::new(),
+                    issuer: OnceLock::new(),
                 })
             })
             .clone()
@@ -107,8 +108,8 @@ impl JwksCache {
     /// issuer to name a key set keeps it. Called by discovery before the first fetch.
     pub fn bind_issuer(&self, uri: &str, issuer: &str) {
         let slot = self.slot(uri);
-        slot.fetches
-            .get_or_init(|| self.metrics.jwks_fetch_counters(issuer));
+        slot.issuer
+            .get_or_init(|| (issuer.to_owned(), self.metrics.jwks_fetch_counters(issuer)));
     }
 
     pub fn has_loaded(&self, uri: &str) -> bool {
@@ -152,17 +153,27 @@ impl JwksCache {
         }
         let cache = self.clone();
         let slot = slot.clone();
+        // A child of whatever asked for it (a decision's key lookup, discovery, the background refresh).
+        let span = tracing::info_span!(
+            "jwks.fetch",
+            issuer = self.issuer_of(&slot).0.as_str(),
+            jwks_uri = slot.uri.as_str(),
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
         // Detached: the refresh completes even if every waiter has given up, so the next request benefits.
-        tokio::spawn(async move { cache.run_refresh(&slot).await });
+        tokio::spawn(async move { cache.run_refresh(&slot).await }.instrument(span));
         true
     }
 
     async fn run_refresh(&self, slot: &KeySlot) {
         let result = self.fetch_keys(&slot.uri).await;
-        // A key set nobody's discovery named (only tests refresh such a one) counts under its URI.
-        slot.fetches
-            .get_or_init(|| self.metrics.jwks_fetch_counters(&slot.uri))
-            .record(result.is_ok());
+        self.issuer_of(slot).1.record(result.is_ok());
+        let span = tracing::Span::current();
+        span.record("outcome", if result.is_ok() { "ok" } else { "error" });
+        if result.is_err() {
+            span.record("otel.status_code", "error");
+        }
         let error = match result {
             Ok(set) => {
                 tracing::debug!(jwks_uri = %slot.uri, keys = set.len(), skipped = set.skipped, "signing keys refreshed");
@@ -183,6 +194,17 @@ impl JwksCache {
             state.last_error = error;
         }
         slot.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// The slot's issuer and fetch counters. A key set nobody's discovery named (only tests refresh
+    /// such a one) goes by its URI.
+    fn issuer_of<'s>(&self, slot: &'s KeySlot) -> &'s (String, FetchCounters) {
+        slot.issuer.get_or_init(|| {
+            (
+                slot.uri.clone(),
+                self.metrics.jwks_fetch_counters(&slot.uri),
+            )
+        })
     }
 
     async fn fetch_keys(&self, uri: &str) -> Result<KeySet, String> {

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod registry_cli;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod token_cache;
 pub mod transport;

@@ -177,6 +177,10 @@ fn audit_records_hold_every_field(format: LogFormat) {
             "every record has its time: {record}"
         );
         assert_eq!(record["level"], "INFO", "{record}");
+        assert!(
+            record.get("span").is_none() && record.get("spans").is_none(),
+            "log lines carry no span context: {record}"
+        );
     }
     let allowed = [
         ("decision", "allow"),
@@ -248,4 +252,278 @@ fn audit_records_in_json_hold_every_field_and_never_the_token() {
 #[test]
 fn audit_records_in_text_hold_every_field_and_never_the_token() {
     audit_records_hold_every_field(LogFormat::Text);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// OpenTelemetry
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use std::sync::{Arc, Mutex};
+
+/// An OTLP/gRPC trace collector on 127.0.0.1:0 that keeps every export it receives; stops when dropped.
+struct Collector {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Clone)]
+struct Keep(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Keep {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Collector {
+    fn start() -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let service = TraceServiceServer::new(Keep(received.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (bound, addr) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                bound.send(listener.local_addr().unwrap()).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async move {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await
+                    .unwrap();
+            });
+        });
+        Collector {
+            addr: addr.recv().unwrap(),
+            received,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Every span received so far, with its resource's attributes.
+    fn spans(&self) -> Vec<(Vec<KeyValue>, Span)> {
+        let mut out = Vec::new();
+        for request in self.received.lock().unwrap().iter() {
+            for resource_spans in &request.resource_spans {
+                let resource = resource_spans
+                    .resource
+                    .as_ref()
+                    .map(|r| r.attributes.clone())
+                    .unwrap_or_default();
+                for scope in &resource_spans.scope_spans {
+                    for span in &scope.spans {
+                        out.push((resource.clone(), span.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A string attribute's value.
+fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(any_value::Value::StringValue(s)) => Some(s.as_str()),
+            _ => None,
+        })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn spans_go_to_an_otlp_collector_and_are_flushed_at_shutdown() {
+    let collector = Collector::start();
+    let options = Options {
+        env: vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+                format!("http://{}", collector.addr),
+            ),
+            ("OTEL_SERVICE_NAME".to_owned(), "s2s-authz-e2e".to_owned()),
+            // Nothing goes out on the batch schedule within the test: what arrives was flushed at exit.
+            ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "600000".to_owned()),
+        ],
+        ..Options::default()
+    };
+    let mut sidecar = Sidecar::start_with(&support::dev_config(), &options);
+    sidecar.wait_for_log(&["exporting spans over OTLP"]);
+    let addr = sidecar.grpc_addr;
+    let orders = sidecar.token(&ORDERS);
+    let billing = sidecar.token(&BILLING);
+
+    // The caller's W3C trace context: the decision joins that trace.
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT_ID: &str = "00f067aa0ba902b7";
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    assert!(decide(addr, &orders, &[("traceparent", &traceparent)]).allowed);
+    assert!(decide(addr, &orders, &[]).allowed, "a token cache hit");
+    assert!(!check(addr, &billing));
+    assert!(
+        collector.spans().iter().all(|(_, s)| s.name != "decision"),
+        "no decision span is exported before shutdown on this schedule"
+    );
+
+    sidecar.signal("TERM");
+    let status = sidecar
+        .wait_exit(support::DEADLINE)
+        .expect("s2s-authz exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+
+    // Export on, the log lines keep their shape: spans go to the collector, not into the logs.
+    let audit: Vec<Value> = sidecar
+        .records(LogFormat::Json)
+        .into_iter()
+        .filter(|r| r["target"] == AUDIT)
+        .collect();
+    assert_eq!(audit.len(), 3, "{audit:#?}");
+    assert!(audit.iter().all(|r| r.get("spans").is_none()), "{audit:#?}");
+
+    let spans = collector.spans();
+    for (resource, span) in &spans {
+        assert_eq!(
+            attr(resource, "service.name"),
+            Some("s2s-authz-e2e"),
+            "{span:?}"
+        );
+        for kv in &span.attributes {
+            let text = format!("{:?}", kv.value);
+            assert_no_token(&text, &orders);
+            assert_no_token(&text, &billing);
+        }
+    }
+    let named = |name: &'static str| spans.iter().map(|(_, s)| s).filter(move |s| s.name == name);
+    let decisions: Vec<&Span> = named("decision").collect();
+    assert_eq!(decisions.len(), 3, "one span per decision: {decisions:#?}");
+
+    let first = decisions
+        .iter()
+        .find(|s| hex(&s.trace_id) == TRACE_ID)
+        .unwrap_or_else(|| panic!("the decision joined the caller's trace: {decisions:#?}"));
+    assert_eq!(hex(&first.parent_span_id), PARENT_ID);
+    let a = &first.attributes;
+    assert_eq!(attr(a, "api"), Some("native"));
+    assert_eq!(attr(a, "decision"), Some("allow"));
+    assert_eq!(attr(a, "token_cache"), Some("miss"));
+    assert_eq!(attr(a, "tenant"), Some(TENANT));
+    assert_eq!(attr(a, "client_app_id"), Some(ORDERS.client_id));
+    assert_eq!(attr(a, "token_hash"), Some(token_hash(&orders).as_str()));
+    // Its stages are its children.
+    for stage in [
+        "decision.precheck",
+        "decision.key_lookup",
+        "decision.verify",
+        "decision.authorize",
+    ] {
+        assert!(
+            named(stage).any(|s| s.parent_span_id == first.span_id && s.trace_id == first.trace_id),
+            "{stage} under the first decision: {spans:#?}"
+        );
+    }
+
+    let hit = decisions
+        .iter()
+        .find(|s| attr(&s.attributes, "token_cache") == Some("hit"))
+        .unwrap_or_else(|| panic!("the second decision was a cache hit: {decisions:#?}"));
+    assert_ne!(
+        hit.trace_id, first.trace_id,
+        "a decision without context starts its own trace"
+    );
+    let denied = decisions
+        .iter()
+        .find(|s| attr(&s.attributes, "api") == Some("ext_authz"))
+        .unwrap_or_else(|| panic!("the Check: {decisions:#?}"));
+    assert_eq!(attr(&denied.attributes, "decision"), Some("deny"));
+    assert_eq!(attr(&denied.attributes, "reason"), Some("ROLE_MISSING"));
+
+    // Start-up discovered the tenant and fetched both of its key sets.
+    assert!(
+        named("issuer.discovery").any(|s| attr(&s.attributes, "tenant") == Some(TENANT)),
+        "{spans:#?}"
+    );
+    let fetches: Vec<&Span> = named("jwks.fetch").collect();
+    let v2_issuer = format!("{}{TENANT}/v2.0", sidecar.issuer_url());
+    assert!(
+        fetches.iter().any(
+            |s| attr(&s.attributes, "issuer") == Some(v2_issuer.as_str())
+                && attr(&s.attributes, "outcome") == Some("ok")
+        ),
+        "a key fetch of {v2_issuer}: {fetches:#?}"
+    );
+}
+
+#[test]
+fn span_export_that_is_not_built_in_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("s2s-authz.yaml");
+    std::fs::write(&config, support::dev_config()).unwrap();
+    for (args, env, expected) in [
+        (
+            vec!["--otlp-endpoint", "https://collector:4317"],
+            vec![],
+            "TLS to the collector is not built in",
+        ),
+        (
+            vec![],
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+    ] {
+        let output = support::binary()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(&args)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?} {env:?}: {stderr}");
+    }
 }
