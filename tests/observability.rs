@@ -527,3 +527,262 @@ fn span_export_that_is_not_built_in_is_refused_at_start() {
         assert!(stderr.contains(expected), "{args:?} {env:?}: {stderr}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Metrics and probes
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use s2s_authz::proto::s2sauthz::v1::registry_client::RegistryClient;
+use s2s_authz::proto::s2sauthz::v1::{AppEntry, AppEntryKind, CreateAppEntryRequest};
+use support::{STRANGER, metric};
+
+/// One sample of a scrape, 0 when the series does not exist.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(text, name, labels).unwrap_or(0.0)
+}
+
+/// `token` with its header replaced by one naming `kid` (so its signature no longer matters: the key
+/// lookup comes first).
+fn with_kid(token: &str, kid: &str) -> String {
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": kid}).to_string();
+    let (_, rest) = token.split_once('.').unwrap();
+    format!("{}.{rest}", URL_SAFE_NO_PAD.encode(header))
+}
+
+#[test]
+fn metrics_move_with_decisions_cache_hits_key_fetches_and_registry_changes() {
+    // No minimum interval between key refreshes: a token naming an unknown `kid` fetches at once.
+    let config = format!(
+        "{}keys:\n  min_refresh_interval_secs: 0\n",
+        support::dev_config()
+    );
+    let sidecar = Sidecar::start_with_config(&config);
+    let addr = sidecar.grpc_addr;
+    let v1 = format!("https://sts.windows.net/{TENANT}/");
+    let v2 = format!("{}{TENANT}/v2.0", sidecar.issuer_url());
+
+    let before = sidecar.metrics();
+    assert!(before.ends_with("# EOF\n"), "OpenMetrics text:\n{before}");
+    assert_eq!(
+        metric(
+            &before,
+            "s2s_authz_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0),
+        "{before}"
+    );
+    for issuer in [&v1, &v2] {
+        let labels = [("issuer", issuer.as_str()), ("outcome", "ok")];
+        assert!(
+            sample(&before, "s2s_authz_jwks_fetches_total", &labels) >= 1.0,
+            "start-up fetched {issuer}'s keys:\n{before}"
+        );
+        assert!(
+            metric(
+                &before,
+                "s2s_authz_key_set_age_seconds",
+                &[("issuer", issuer)]
+            )
+            .is_some_and(|age| age >= 0.0),
+            "{before}"
+        );
+    }
+    assert_eq!(
+        sample(&before, "s2s_authz_token_cache_capacity_entries", &[]),
+        100_000.0
+    );
+    assert_eq!(sample(&before, "s2s_authz_token_cache_entries", &[]), 0.0);
+    for (kind, count) in [
+        ("app_entry", 3.0),
+        ("application_user", 3.0),
+        ("security_role", 1.0),
+        ("user", 0.0),
+        ("route", 0.0),
+    ] {
+        assert_eq!(
+            metric(&before, "s2s_authz_registry_resources", &[("kind", kind)]),
+            Some(count),
+            "{kind}:\n{before}"
+        );
+    }
+    assert_eq!(
+        sample(&before, "s2s_authz_registry_change_lag_seconds_count", &[]),
+        0.0,
+        "an embedded store has no changes made elsewhere"
+    );
+
+    // Decisions: allowed (verified, then twice from the cache, once through Envoy's API), and denied.
+    let orders = sidecar.token(&ORDERS);
+    let billing = sidecar.token(&BILLING);
+    assert!(decide(addr, &orders, &[]).allowed);
+    assert!(decide(addr, &orders, &[]).allowed);
+    assert!(check(addr, &orders));
+    assert!(!decide(addr, &billing, &[]).allowed);
+    let after = sidecar.metrics();
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        sample(&after, name, labels) - sample(&before, name, labels)
+    };
+    let decisions = "s2s_authz_decisions_total";
+    assert_eq!(
+        delta(decisions, &[("decision", "allow"), ("reason", "")]),
+        3.0
+    );
+    assert_eq!(
+        delta(
+            decisions,
+            &[("decision", "deny"), ("reason", "ROLE_MISSING")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        delta(
+            decisions,
+            &[("decision", "deny"), ("reason", "TOKEN_MISSING")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        delta("s2s_authz_token_cache_hits_total", &[]),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(delta("s2s_authz_token_cache_misses_total", &[]), 2.0);
+    assert_eq!(sample(&after, "s2s_authz_token_cache_entries", &[]), 2.0);
+    let duration = "s2s_authz_decision_duration_seconds";
+    for (api, count) in [("native", 3.0), ("ext_authz", 1.0)] {
+        let labels = [("api", api)];
+        assert_eq!(delta(&format!("{duration}_count"), &labels), count, "{api}");
+        let inf = [("api", api), ("le", "+Inf")];
+        assert_eq!(delta(&format!("{duration}_bucket"), &inf), count, "{api}");
+        let sum = sample(&after, &format!("{duration}_sum"), &labels);
+        assert!(sum > 0.0 && sum < 20.0, "{api}: {sum} s");
+        // Buckets are cumulative: never fewer below a larger bound.
+        let mut last = 0.0;
+        for le in s2s_authz::metrics::DECISION_BUCKETS {
+            let bucket = [("api", api), ("le", &le.to_string())];
+            let n = metric(&after, &format!("{duration}_bucket"), &bucket)
+                .unwrap_or_else(|| panic!("bucket le={le} of {api}:\n{after}"));
+            assert!(n >= last, "{api} le={le}: {n} < {last}");
+            last = n;
+        }
+    }
+
+    // A token naming a `kid` the key set lacks makes the sidecar fetch the keys again: one more fetch,
+    // and the key set's age starts over.
+    let age = |text: &str| {
+        metric(text, "s2s_authz_key_set_age_seconds", &[("issuer", &v2)])
+            .unwrap_or_else(|| panic!("key set age of {v2}:\n{text}"))
+    };
+    let aged = poll("the v2 key set to be 1.5 s old", || {
+        let text = sidecar.metrics();
+        (age(&text) >= 1.5).then_some(text)
+    });
+    let fetched = [("issuer", v2.as_str()), ("outcome", "ok")];
+    let fetches = sample(&aged, "s2s_authz_jwks_fetches_total", &fetched);
+    let reason = decide(addr, &with_kid(&orders, "unpublished-kid"), &[]).reason();
+    assert_eq!(
+        reason,
+        s2s_authz::proto::s2sauthz::v1::DenyReason::KeyNotFound
+    );
+    let refreshed = poll("a JWKS fetch after the unknown kid", || {
+        let text = sidecar.metrics();
+        (sample(&text, "s2s_authz_jwks_fetches_total", &fetched) > fetches).then_some(text)
+    });
+    assert_eq!(
+        sample(&refreshed, "s2s_authz_jwks_fetches_total", &fetched),
+        fetches + 1.0
+    );
+    assert!(
+        age(&refreshed) < age(&aged),
+        "the age restarts at the fetch: {} s, before {} s",
+        age(&refreshed),
+        age(&aged)
+    );
+
+    // A registry change: an app entry (and its application user) created through the admin API.
+    let admin = sidecar.admin_addr;
+    block_on(async move {
+        let mut client = RegistryClient::connect(format!("http://{admin}"))
+            .await
+            .unwrap();
+        client
+            .create_app_entry(CreateAppEntryRequest {
+                entry: Some(AppEntry {
+                    name: "stranger".to_owned(),
+                    tenant_id: TENANT.to_owned(),
+                    client_app_id: STRANGER.client_id.to_owned(),
+                    kind: AppEntryKind::ClientCredentials as i32,
+                    enabled: true,
+                    ..Default::default()
+                }),
+                security_role: "Orders Integration".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let changed = sidecar.metrics();
+    for (kind, count) in [("app_entry", 4.0), ("application_user", 4.0)] {
+        assert_eq!(
+            metric(&changed, "s2s_authz_registry_resources", &[("kind", kind)]),
+            Some(count),
+            "{kind}:\n{changed}"
+        );
+    }
+}
+
+/// `GET http://addr/path`: status, `content-type` and body.
+fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let url = format!("http://{addr}{path}");
+    block_on(async move {
+        let response = support::http_client().get(&url).send().await.unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (status, content_type, response.text().await.unwrap())
+    })
+}
+
+#[test]
+fn probes_answer_as_kubernetes_expects() {
+    // A second configured tenant the development issuer does not know: never ready, always live.
+    const UNKNOWN: &str = "0a0b0c0d-0e0f-4a1b-8c2d-3e4f5a6b7c8d";
+    let base = support::dev_config();
+    let never_ready = base.replace(
+        &format!("tenants: [{TENANT}]"),
+        &format!("tenants: [{TENANT}, {UNKNOWN}]"),
+    );
+    assert_ne!(never_ready, base);
+    let stuck = Sidecar::spawn(&never_ready);
+    stuck.wait_for_log(&[UNKNOWN, "failed"]);
+    let ready = Sidecar::start();
+
+    for sidecar in [&stuck, &ready] {
+        let (status, content_type, body) = get(sidecar.metrics_addr, "/healthz");
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "liveness");
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+    }
+    let (status, content_type, body) = get(stuck.metrics_addr, "/readyz");
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "signing keys not loaded\n"),
+        "not ready while a configured tenant has no keys"
+    );
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let (status, _, body) = get(ready.metrics_addr, "/readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, content_type, _) = get(ready.metrics_addr, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let (status, _, _) = get(ready.metrics_addr, "/no-such-path");
+    assert_eq!(status, 404);
+}
