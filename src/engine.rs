@@ -162,7 +162,9 @@ impl Authorizer {
             let policy = self.allowlist.current.load();
             let trust = self.directory.trust();
             let cached = self.decide_cached(digest, request, &policy, &trust);
-            span.record("token_cache", if cached.is_some() { "hit" } else { "miss" });
+            if !span.is_disabled() {
+                span.record("token_cache", if cached.is_some() { "hit" } else { "miss" });
+            }
             if let Some(decision) = cached {
                 return decision;
             }

@@ -384,7 +384,8 @@ impl Metrics {
     }
 }
 
-/// The gauges computed from the caches at scrape time.
+/// The gauges computed from the caches at scrape time. (Help texts end with a period here: the
+/// registry adds one to those of registered metrics, but not to a collector's.)
 #[derive(Debug)]
 struct StateCollector {
     source: Arc<OnceLock<Weak<Authorizer>>>,
@@ -410,7 +411,7 @@ impl Collector for StateCollector {
         ages.sort_by(|a, b| a.0.cmp(b.0));
         let mut family = encoder.encode_descriptor(
             "key_set_age",
-            "Seconds since each trusted issuer's signing keys were last loaded successfully",
+            "Seconds since each trusted issuer's signing keys were last loaded successfully.",
             Some(&Unit::Seconds),
             MetricType::Gauge,
         )?;
@@ -425,7 +426,7 @@ impl Collector for StateCollector {
         encoder
             .encode_descriptor(
                 "token_cache_entries",
-                "Verified tokens in the token cache",
+                "Verified tokens in the token cache.",
                 None,
                 MetricType::Gauge,
             )?
@@ -433,7 +434,7 @@ impl Collector for StateCollector {
         encoder
             .encode_descriptor(
                 "token_cache_capacity_entries",
-                "The token cache's bound on entries (0: the cache is off)",
+                "The token cache's bound on entries (0: the cache is off).",
                 None,
                 MetricType::Gauge,
             )?
@@ -442,7 +443,7 @@ impl Collector for StateCollector {
         let policy = authorizer.allowlist().load();
         let mut family = encoder.encode_descriptor(
             "registry_resources",
-            "Resources in the published registry (configuration and store), by kind",
+            "Resources in the published registry (configuration and store), by kind.",
             None,
             MetricType::Gauge,
         )?;

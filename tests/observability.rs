@@ -552,9 +552,12 @@ fn with_kid(token: &str, kid: &str) -> String {
 
 #[test]
 fn metrics_move_with_decisions_cache_hits_key_fetches_and_registry_changes() {
-    // No minimum interval between key refreshes: a token naming an unknown `kid` fetches at once.
+    // No minimum interval between key refreshes: a token naming an unknown `kid` fetches at once. A
+    // store of its own: this test creates an entry.
+    let data = tempfile::tempdir().unwrap();
     let config = format!(
-        "{}keys:\n  min_refresh_interval_secs: 0\n",
+        "data_dir: {}\n{}keys:\n  min_refresh_interval_secs: 0\n",
+        data.path().display(),
         support::dev_config()
     );
     let sidecar = Sidecar::start_with_config(&config);
