@@ -173,8 +173,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             tracing::info!(endpoint = %export.endpoint, "exporting spans over OTLP");
         }
         signals.wait_for_stop(&running, &args).await;
-        tracing::info!("shutting down: draining in-flight calls");
+        tracing::info!(
+            "shutting down: health NOT_SERVING, listeners closed, draining in-flight calls"
+        );
         running.shutdown().await;
+        tracing::info!("stopped");
         ExitCode::SUCCESS
     });
     // The spans still queued go out now, while the runtime that drives the exporter's connection is
@@ -184,7 +187,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     {
         tracing::warn!("exporting the last spans failed: {e}");
     }
-    drop(runtime);
+    // Connections cut at the drain timeout end here. Dropping the runtime would instead wait without
+    // bound for any blocking task still running (a store call stuck on an unreachable database).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
 }
 

@@ -35,6 +35,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 pub const DEFAULT_DEV_ISSUER_ADDR: &str = "127.0.0.1:8400";
 pub const DEFAULT_INSTANCE: &str = "https://login.microsoftonline.com/";
 pub const DEFAULT_DATA_DIR: &str = "s2s-authz-data";
+/// A decision waits at most `unknown_kid_wait` (100 ms) and an admin write one transaction, so 10 s is
+/// ample for in-flight calls, and well inside Kubernetes' default 30 s termination grace period.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -68,6 +71,8 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     /// How often a shared store is re-read in full, besides its change notices.
     pub registry_resync_secs: Option<u64>,
+    /// On SIGTERM, how long in-flight calls may take to finish before their connections are cut.
+    pub drain_timeout_secs: Option<u64>,
     pub grpc_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -310,6 +315,9 @@ pub struct ServeArgs {
     /// How often a shared (PostgreSQL) registry is re-read in full, besides its change notices [default: 30].
     #[arg(long, env = "S2S_AUTHZ_REGISTRY_RESYNC_SECS")]
     pub registry_resync_secs: Option<u64>,
+    /// On SIGTERM or SIGINT, how long in-flight calls may take to finish [default: 10].
+    #[arg(long, env = "S2S_AUTHZ_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
     /// Decision port: native API, Envoy ext_authz, health, reflection [default: 127.0.0.1:50051].
     #[arg(long, env = "S2S_AUTHZ_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -514,6 +522,8 @@ pub struct Settings {
     pub database_url: Option<DatabaseUrl>,
     /// How often a shared store is re-read in full, besides its change notices.
     pub registry_resync: Duration,
+    /// On shutdown, how long in-flight calls may take to finish before their connections are cut.
+    pub drain_timeout: Duration,
     /// The app role admin calls need, when they need a token at all (`None`: loopback, unauthenticated).
     pub admin_role: Option<String>,
     pub dev_issuer: Option<DevIssuerConfig>,
@@ -809,6 +819,11 @@ pub fn resolve(
         data_dir,
         database_url,
         registry_resync,
+        drain_timeout: secs(
+            args.drain_timeout_secs,
+            file.drain_timeout_secs,
+            DEFAULT_DRAIN_TIMEOUT_SECS,
+        ),
         admin_role,
         dev_issuer,
         log_format: args.log_format,
@@ -1408,6 +1423,35 @@ mod tests {
             "{err}"
         );
         assert!(!settings.decision.require_source_principal);
+    }
+
+    #[test]
+    fn key_and_shutdown_defaults_are_the_documented_ones_and_configurable() {
+        let resolve_yaml = |yaml: &str, args: &ServeArgs| {
+            let file = parse_yaml(yaml, "t").unwrap();
+            resolve(file, args, &MctSettings::default()).unwrap()
+        };
+        let defaults = resolve_yaml("auth: {audiences: [x]}", &ServeArgs::default());
+        // SPEC §3: last-known-good keys kept up to 24 h, minimum refresh interval 30 s, 5 s fetches.
+        assert_eq!(defaults.keys.max_staleness, Duration::from_secs(86_400));
+        assert_eq!(defaults.keys.min_refresh_interval, Duration::from_secs(30));
+        assert_eq!(defaults.keys.unknown_kid_wait, Duration::from_millis(100));
+        assert_eq!(defaults.fetch_timeout, Duration::from_secs(5));
+        assert_eq!(defaults.max_document_bytes, 1 << 20);
+        assert_eq!(defaults.drain_timeout, Duration::from_secs(10));
+
+        let file = "auth: {audiences: [x]}\nkeys: {max_staleness_secs: 60}\ndrain_timeout_secs: 3";
+        let configured = resolve_yaml(file, &ServeArgs::default());
+        assert_eq!(configured.keys.max_staleness, Duration::from_secs(60));
+        assert_eq!(configured.drain_timeout, Duration::from_secs(3));
+        let flags = ServeArgs {
+            drain_timeout_secs: Some(0),
+            max_key_staleness_secs: Some(7),
+            ..ServeArgs::default()
+        };
+        let overridden = resolve_yaml(file, &flags);
+        assert_eq!(overridden.drain_timeout, Duration::ZERO);
+        assert_eq!(overridden.keys.max_staleness, Duration::from_secs(7));
     }
 
     #[test]

@@ -128,6 +128,7 @@ impl JwksCache {
         let mut attempts = slot.attempts.subscribe();
         if self.trigger(&slot) {
             // Either we started a refresh or one is running: wait for it to end, within bounds.
+            let _waiting = self.metrics.key_refresh_wait();
             let _ = tokio::time::timeout(self.settings.unknown_kid_wait, attempts.changed()).await;
             return self.fresh(&slot);
         }

@@ -14,6 +14,7 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
@@ -208,6 +209,18 @@ pub struct Metrics {
     /// What the scrape-time gauges read; set once the authorizer exists (it holds these metrics, so
     /// the link back is weak).
     source: Arc<OnceLock<Weak<Authorizer>>>,
+    key_refresh_waiters: Gauge,
+}
+
+/// One request waiting for a key refresh; counted in `key_refresh_waiters` until dropped (also when
+/// the request is cancelled mid-wait).
+#[derive(Debug)]
+pub struct KeyRefreshWait<'a>(&'a Gauge);
+
+impl Drop for KeyRefreshWait<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -304,6 +317,12 @@ impl Metrics {
         registry.register_collector(Box::new(StateCollector {
             source: source.clone(),
         }));
+        let key_refresh_waiters = Gauge::default();
+        registry.register(
+            "key_refresh_waiters",
+            "Requests now waiting for a key refresh (their token names a kid the cached set lacks)",
+            key_refresh_waiters.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -315,6 +334,7 @@ impl Metrics {
             tls_handshakes,
             registry_change_lag,
             source,
+            key_refresh_waiters,
         }
     }
 
@@ -372,6 +392,12 @@ impl Metrics {
     /// Records how long a change made elsewhere took to be published here.
     pub fn registry_change_lag(&self, lag: Duration) {
         self.registry_change_lag.observe(lag);
+    }
+
+    /// Counts the caller as waiting for a key refresh until the returned guard is dropped.
+    pub fn key_refresh_wait(&self) -> KeyRefreshWait<'_> {
+        self.key_refresh_waiters.inc();
+        KeyRefreshWait(&self.key_refresh_waiters)
     }
 
     pub fn encode(&self) -> String {

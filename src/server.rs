@@ -19,10 +19,12 @@ use crate::tls::TlsEndpoint;
 use crate::transport::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 /// Service names whose health follows key readiness (besides the overall `""`).
 pub const HEALTH_SERVICES: [&str; 3] = [
@@ -69,8 +71,13 @@ pub struct Running {
     /// The TLS ports' material, re-read on change and by `reload_tls`.
     tls: Vec<Arc<TlsEndpoint>>,
     watcher: Option<Watcher>,
+    /// Health of both ports; turned NOT_SERVING first thing at shutdown.
+    health: HealthReporter,
+    drain_timeout: Duration,
     stop: watch::Sender<bool>,
+    /// The three listeners; each ends once its connections have closed.
     tasks: JoinSet<()>,
+    /// Discovery, key refresh and the readiness follower; aborted at shutdown.
     background: JoinSet<()>,
 }
 
@@ -306,6 +313,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         dev_issuer,
         tls,
         watcher,
+        health: health_reporter,
+        drain_timeout: settings.drain_timeout,
         stop,
         tasks,
         background,
@@ -380,11 +389,38 @@ impl Running {
         crate::tls::reload_all(&self.tls).await;
     }
 
-    /// Stops accepting, lets in-flight calls finish, and returns when every listener has closed.
+    /// Stops the way a load balancer expects. Health turns NOT_SERVING, which every open
+    /// `Health/Watch` stream carries before it ends; the listeners close, so new connections are
+    /// refused, and open connections get GOAWAY, so new calls on them fail with UNAVAILABLE and clients
+    /// go elsewhere; calls in flight finish with their real answers. Returns when every connection has
+    /// closed, or once the drain timeout has passed: then the listeners are dropped, and what is still
+    /// open ends with the process (the binary exits right after).
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        // First, so that keys loading now cannot turn health back to SERVING.
         self.background.shutdown().await;
+        for name in HEALTH_SERVICES {
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = self.stop.send(true);
+        // A Watch stream never ends by itself: it would hold its connection, and so the drain, open
+        // until the timeout. Dropping the statuses ends every such stream once it has sent NOT_SERVING;
+        // a Check that still gets through on an old connection is answered NOT_FOUND, as unready.
+        for name in HEALTH_SERVICES {
+            self.health.clear_service_status(name).await;
+        }
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                drain_timeout_secs = self.drain_timeout.as_secs_f64(),
+                "calls still in flight after the drain timeout; closing their connections"
+            );
+            self.tasks.shutdown().await;
+        }
         if let Some(watcher) = self.watcher.take() {
             let _ = tokio::task::spawn_blocking(move || watcher.stop()).await;
         }

@@ -684,6 +684,13 @@ fn bad_configuration_exits_2_naming_the_field() {
             ),
             "app_entries[0].client_app_id",
         ),
+        (
+            // Refused before anything is bound, so the test never listens off loopback.
+            "admin port off loopback without admin tokens",
+            base.replace("admin_addr: 127.0.0.1:0\n", "admin_addr: 0.0.0.0:0\n")
+                + "admin: { require_token: false }\n",
+            "admin.require_token",
+        ),
     ];
     for (what, config, field) in cases {
         assert_ne!(config, base, "{what}: the edit applies");

@@ -411,7 +411,9 @@ pub struct Sidecar {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    pub issuer_addr: SocketAddr,
+    /// The embedded development issuer; `None` when the configuration has no `dev_issuer` (the test
+    /// runs its own issuer and points `auth.instance` at it).
+    pub issuer_addr: Option<SocketAddr>,
     /// The configuration file in use; edit it and `signal("HUP")` to reload.
     pub config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
@@ -424,7 +426,7 @@ impl Sidecar {
         Self::start_with_config(&dev_config())
     }
 
-    /// Starts the binary with `config` (which must use port 0 and a `dev_issuer`) and waits until ready.
+    /// Starts the binary with `config` (which must use port 0) and waits until ready.
     pub fn start_with_config(config: &str) -> Self {
         Self::start_with(config, &Options::default())
     }
@@ -455,7 +457,7 @@ impl Sidecar {
         } else {
             format!("data_dir: {}\n{config}", dir.path().join("data").display())
         };
-        std::fs::write(&config_path, config).expect("writing the configuration");
+        std::fs::write(&config_path, &config).expect("writing the configuration");
         let format = options.log_format;
         let child = binary()
             .args(["serve", "--log-format", format.as_str(), "--config"])
@@ -488,8 +490,9 @@ impl Sidecar {
         });
 
         let deadline = Instant::now() + DEADLINE;
+        let wants_issuer = config.lines().any(|l| l.starts_with("dev_issuer:"));
         let (mut issuer, mut listening) = (None, None);
-        while issuer.is_none() || listening.is_none() {
+        while (wants_issuer && issuer.is_none()) || listening.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(line) => line,
@@ -518,7 +521,7 @@ impl Sidecar {
             grpc_addr,
             admin_addr,
             metrics_addr,
-            issuer_addr: issuer.expect("issuer line"),
+            issuer_addr: issuer,
             config_path,
             logs,
             _dir: dir,
@@ -562,7 +565,10 @@ impl Sidecar {
 
     /// `http://127.0.0.1:PORT/`: the development issuer's authority host.
     pub fn issuer_url(&self) -> String {
-        format!("http://{}/", self.issuer_addr)
+        let addr = self
+            .issuer_addr
+            .expect("this sidecar runs the development issuer");
+        format!("http://{addr}/")
     }
 
     /// Gets an access token for `client` from the development issuer's token endpoint
