@@ -9,6 +9,10 @@
 //! Every child stops by itself: the product runs under `timeout`, the no-op server has its own deadline
 //! and also exits when its standard input closes.
 //!
+//! The `kidflood` scenario measures what a burst of tokens naming unknown `kid`s costs valid traffic:
+//! the same valid load alone, during the burst, and during a burst of as many valid calls (the
+//! control: what any extra load of that size costs), each product in the same run.
+//!
 //! The `envoy` scenario measures where users feel it: HTTP requests through a real Envoy whose
 //! ext_authz filter asks each server, against the same Envoy route with the filter disabled, the two
 //! routes interleaved in the same run. `--also-bin` measures other builds (say, the previous commit's)
@@ -51,7 +55,9 @@ const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
                   --connections x --concurrency), open (open loop at each of --rates), cold (closed loop, \
                   every token new: --cold-tokens pre-signed tokens, the scenario ends when they run out, \
                   or with --cold-cycle when --duration does), envoy (HTTP through a real Envoy, ext_authz \
-                  route against the same route with the filter disabled; not in the default set).\n\
+                  route against the same route with the filter disabled; not in the default set), kidflood \
+                  (valid traffic, 1 conn x 1 in flight, alone and during bursts of --flood-requests calls: \
+                  unknown kids, and valid tokens as the control; products only; not in the default set).\n\
                   Example, a longer run: cargo bench --bench loadgen -- --duration 30 --log-levels info,warn"
 )]
 struct Args {
@@ -79,7 +85,11 @@ struct Args {
     /// Tokens pre-signed for the `cold` scenario (each is sent once).
     #[arg(long, default_value_t = 20_000)]
     cold_tokens: usize,
-    /// Scenarios to run, comma separated: closed1, closed, open, cold, envoy (not run by default).
+    /// `kidflood` scenario: calls in each burst (unknown kids, and the valid control burst).
+    #[arg(long, default_value_t = 10_000)]
+    flood_requests: usize,
+    /// Scenarios to run, comma separated: closed1, closed, open, cold; envoy and kidflood are not run by
+    /// default.
     #[arg(
         long,
         value_delimiter = ',',
@@ -1100,6 +1110,9 @@ async fn run(args: Args) {
     if wants("envoy") {
         envoy_scenarios(&args, &targets, &hot, duration, &mut rows).await;
     }
+    if wants("kidflood") {
+        kidflood_scenarios(&args, &targets, &dev, &hot, duration).await;
+    }
 
     let raw_after = tokio::task::block_in_place(|| {
         raw_decode_cpu(&dev, if cold.is_empty() { &hot } else { &cold })
@@ -1733,5 +1746,243 @@ fn envoy_summary(args: &Args, rows: &[Row]) {
                 );
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The `kidflood` scenario: what a burst of unknown `kid`s costs valid traffic.
+//
+// Per product and round, valid traffic (closed loop, 1 connection x 1 in flight, the hot pool) is
+// measured three ways: alone for `--duration`; for as long as a burst of `--flood-requests` Check calls
+// with random unknown kids lasts (on connections of their own, `--concurrency` in flight); and for as
+// long as a burst of as many valid hot calls lasts, the control. On a shared 2-vCPU box any burst takes
+// CPU from the valid traffic; the control says how much of the slow-down is just that.
+
+/// A hot token's claims and signature under a header naming a random kid: what an attacker replaying
+/// a token, or a misconfigured client, sends. The kid is looked up before the signature is checked.
+fn unknown_kid_tokens(template: &str, n: usize) -> Vec<String> {
+    use base64::Engine as _;
+    let (_, rest) = template.split_once('.').unwrap();
+    (0..n)
+        .map(|_| {
+            let header = serde_json::json!({
+                "alg": "RS256",
+                "typ": "JWT",
+                "kid": uuid::Uuid::new_v4().simple().to_string(),
+            });
+            let header =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header.to_string());
+            format!("{header}.{rest}")
+        })
+        .collect()
+}
+
+/// Valid traffic: one call in flight on `client` until `stop` is set.
+async fn valid_until(
+    mut client: AuthorizationClient<Channel>,
+    source: Arc<Source>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Stats {
+    let mut stats = Stats::new();
+    while !stop.load(Ordering::Acquire) {
+        let Some(request) = source.next() else { break };
+        let sent = Instant::now();
+        let result = client.check(request).await;
+        stats.record(&result, sent.elapsed().as_nanos() as u64);
+    }
+    stats
+}
+
+struct FloodRun {
+    valid: Measurement,
+    /// The burst's own calls (empty when measured alone).
+    burst: Stats,
+    jwks_fetches: u64,
+}
+
+/// Valid traffic alone (`burst` is `None`) or during a burst of `burst` tokens sent once each.
+async fn flood_run(
+    args: &Args,
+    target: &Target,
+    dev: &DevIssuer,
+    hot: &[String],
+    burst: Option<&[String]>,
+    duration: Duration,
+) -> FloodRun {
+    let ticks = clock_ticks_per_sec();
+    let pid = target.pid.to_string();
+    let valid_client = connect(target.addr, 1).await.remove(0);
+    let burst_clients = connect(target.addr, args.connections).await;
+    for c in burst_clients.iter().chain([&valid_client]) {
+        let _ = c.clone().check(check_request(&hot[0])).await;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fetches = dev.jwks_fetches();
+    let server_before = process_cpu(&pid, ticks);
+    let started = Instant::now();
+    let valid = tokio::spawn(valid_until(
+        valid_client,
+        Source::new(hot, true),
+        stop.clone(),
+    ));
+    let burst_stats = match burst {
+        Some(tokens) => {
+            closed_loop(
+                &burst_clients,
+                args.concurrency,
+                Source::new(tokens, false),
+                // Ends when the burst's tokens run out; the bound only guards against a stall.
+                Duration::from_secs(600),
+            )
+            .await
+        }
+        None => {
+            tokio::time::sleep(duration).await;
+            Stats::new()
+        }
+    };
+    stop.store(true, Ordering::Release);
+    let stats = valid.await.unwrap();
+    let elapsed = started.elapsed();
+    FloodRun {
+        valid: Measurement {
+            stats,
+            elapsed,
+            server_cpu: process_cpu(&pid, ticks) - server_before,
+            client_cpu: 0.0,
+            rss_kib: rss_kib(target.pid),
+            rss_series: Vec::new(),
+        },
+        burst: burst_stats,
+        jwks_fetches: dev.jwks_fetches() - fetches,
+    }
+}
+
+async fn kidflood_scenarios(
+    args: &Args,
+    targets: &[Target],
+    dev: &DevIssuer,
+    hot: &[String],
+    duration: Duration,
+) {
+    let n = args.flood_requests.max(1);
+    let control: Vec<String> = hot.iter().cycle().take(n).cloned().collect();
+    let rounds = args.rounds.max(1);
+    // Each product and round gets kids of its own, so no burst repeats one the product has seen.
+    let mut results: Vec<(String, usize, [FloodRun; 3])> = Vec::new();
+    for t in targets.iter().filter(|t| t.name != "noop") {
+        println!(
+            "\n== kidflood against {}: valid traffic, 1 conn x 1 in flight, alone and during bursts of {n} \
+             calls ({} conn x {} in flight)",
+            t.name, args.connections, args.concurrency
+        );
+        for round in 0..rounds {
+            let unknown = unknown_kid_tokens(&hot[0], n);
+            let alone = flood_run(args, t, dev, hot, None, duration).await;
+            let flood = flood_run(args, t, dev, hot, Some(&unknown), duration).await;
+            let controlled = flood_run(args, t, dev, hot, Some(&control), duration).await;
+            for (what, run) in [
+                ("alone", &alone),
+                ("during unknown-kid burst", &flood),
+                ("during valid burst", &controlled),
+            ] {
+                print_row(&Row {
+                    scenario: format!("kidflood {what}"),
+                    target: format!("{} {what}", t.name),
+                    round,
+                    m: clone_measurement(&run.valid),
+                });
+                if !run.burst.grpc.is_empty() {
+                    println!(
+                        "    {what}: {} calls in {:.2} s ({:.0}/s), grpc {:?}, decisions {:?}, {} JWKS fetches",
+                        run.burst.calls(),
+                        run.valid.elapsed.as_secs_f64(),
+                        run.burst.calls() as f64 / run.valid.elapsed.as_secs_f64(),
+                        run.burst.grpc,
+                        run.burst.decisions,
+                        run.jwks_fetches
+                    );
+                }
+            }
+            results.push((t.name.clone(), round, [alone, flood, controlled]));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    println!(
+        "\n== Valid traffic during a burst of {n} calls, against the same traffic alone, same run (median of \
+         per-round factors, with their range)"
+    );
+    println!(
+        "| target | figure | alone | during {n} unknown kids | factor | during {n} valid calls (control) | factor |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut names: Vec<&str> = results.iter().map(|(n, _, _)| n.as_str()).collect();
+    names.dedup();
+    for name in names {
+        let runs: Vec<&[FloodRun; 3]> = results
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, r)| r)
+            .collect();
+        let figures: [(&str, &MeasurementFigure, &str); 3] = [
+            ("throughput", &|m| m.throughput(), "/s"),
+            ("p50", &|m| m.p(0.5), " µs"),
+            ("p99", &|m| m.p(0.99), " µs"),
+        ];
+        for (label, f, unit) in figures {
+            let value = |i: usize| {
+                Figure::of(runs.iter().map(|r| f(&r[i].valid)).collect())
+                    .map_or(f64::NAN, |f| f.median)
+            };
+            let factor = |i: usize| {
+                Figure::of(
+                    runs.iter()
+                        .map(|r| f(&r[i].valid) / f(&r[0].valid))
+                        .collect(),
+                )
+                .map_or_else(String::new, |f| f.show(2, "x", false))
+            };
+            println!(
+                "| {name} | valid {label} | {:.0}{unit} | {:.0}{unit} | {} | {:.0}{unit} | {} |",
+                value(0),
+                value(1),
+                factor(1),
+                value(2),
+                factor(2)
+            );
+        }
+        let fetches: Vec<u64> = runs.iter().map(|r| r[1].jwks_fetches).collect();
+        let refused: u64 = runs
+            .iter()
+            .map(|r| r[1].burst.calls() - r[1].burst.decisions.get(&16).copied().unwrap_or(0))
+            .sum();
+        println!("| {name} | JWKS fetches during each unknown-kid burst | | {fetches:?} | | | |");
+        println!(
+            "| {name} | unknown-kid calls not denied UNAUTHENTICATED (KEY_NOT_FOUND) | | {refused} | | | |"
+        );
+    }
+}
+
+/// A figure read off one measurement (throughput, a latency quantile).
+type MeasurementFigure = dyn Fn(&Measurement) -> f64;
+
+fn clone_stats(s: &Stats) -> Stats {
+    let mut out = Stats::new();
+    out.latency_ns.add(&s.latency_ns).unwrap();
+    out.lag_ns.add(&s.lag_ns).unwrap();
+    out.grpc = s.grpc.clone();
+    out.decisions = s.decisions.clone();
+    out
+}
+
+fn clone_measurement(m: &Measurement) -> Measurement {
+    Measurement {
+        stats: clone_stats(&m.stats),
+        elapsed: m.elapsed,
+        server_cpu: m.server_cpu,
+        client_cpu: m.client_cpu,
+        rss_kib: m.rss_kib,
+        rss_series: m.rss_series.clone(),
     }
 }
