@@ -1794,10 +1794,18 @@ async fn valid_until(
 }
 
 struct FloodRun {
+    /// The valid traffic; its `server_cpu` is the server's whole CPU time, burst included.
     valid: Measurement,
     /// The burst's own calls (empty when measured alone).
     burst: Stats,
     jwks_fetches: u64,
+}
+
+impl FloodRun {
+    /// Server CPU per call, over the valid calls and the burst's.
+    fn cpu_per_call_us(&self) -> f64 {
+        self.valid.server_cpu * 1e6 / (self.valid.stats.calls() + self.burst.calls()).max(1) as f64
+    }
 }
 
 /// Valid traffic alone (`burst` is `None`) or during a burst of `burst` tokens sent once each.
@@ -1886,18 +1894,25 @@ async fn kidflood_scenarios(
                 ("during unknown-kid burst", &flood),
                 ("during valid burst", &controlled),
             ] {
-                print_row(&Row {
-                    scenario: format!("kidflood {what}"),
-                    target: format!("{} {what}", t.name),
-                    round,
-                    m: clone_measurement(&run.valid),
-                });
+                let m = &run.valid;
+                println!(
+                    "  r{} {what:<25} valid {:>6.0} calls/s  p50 {:>7.1}  p90 {:>7.1}  p99 {:>7.1} µs  \
+                     server {:>5.1} µs CPU per call (valid and burst)  grpc {:?}  decisions {:?}",
+                    round + 1,
+                    m.throughput(),
+                    m.p(0.5),
+                    m.p(0.9),
+                    m.p(0.99),
+                    run.cpu_per_call_us(),
+                    m.stats.grpc,
+                    m.stats.decisions,
+                );
                 if !run.burst.grpc.is_empty() {
                     println!(
-                        "    {what}: {} calls in {:.2} s ({:.0}/s), grpc {:?}, decisions {:?}, {} JWKS fetches",
+                        "     burst: {} calls in {:.2} s ({:.0}/s), grpc {:?}, decisions {:?}, {} JWKS fetches",
                         run.burst.calls(),
-                        run.valid.elapsed.as_secs_f64(),
-                        run.burst.calls() as f64 / run.valid.elapsed.as_secs_f64(),
+                        m.elapsed.as_secs_f64(),
+                        run.burst.calls() as f64 / m.elapsed.as_secs_f64(),
                         run.burst.grpc,
                         run.burst.decisions,
                         run.jwks_fetches
@@ -1914,9 +1929,9 @@ async fn kidflood_scenarios(
          per-round factors, with their range)"
     );
     println!(
-        "| target | figure | alone | during {n} unknown kids | factor | during {n} valid calls (control) | factor |"
+        "| target | figure | alone | during {n} unknown kids | vs alone | during {n} valid calls (control) | vs alone | unknown kids vs control |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut names: Vec<&str> = results.iter().map(|(n, _, _)| n.as_str()).collect();
     names.dedup();
     for name in names {
@@ -1925,31 +1940,32 @@ async fn kidflood_scenarios(
             .filter(|(n, _, _)| n == name)
             .map(|(_, _, r)| r)
             .collect();
-        let figures: [(&str, &MeasurementFigure, &str); 3] = [
-            ("throughput", &|m| m.throughput(), "/s"),
-            ("p50", &|m| m.p(0.5), " µs"),
-            ("p99", &|m| m.p(0.99), " µs"),
+        let figures: [(&str, &FloodFigure, &str); 4] = [
+            ("valid throughput", &|r| r.valid.throughput(), "/s"),
+            ("valid p50", &|r| r.valid.p(0.5), " µs"),
+            ("valid p99", &|r| r.valid.p(0.99), " µs"),
+            (
+                "server CPU per call, valid and burst",
+                &FloodRun::cpu_per_call_us,
+                " µs",
+            ),
         ];
         for (label, f, unit) in figures {
             let value = |i: usize| {
-                Figure::of(runs.iter().map(|r| f(&r[i].valid)).collect())
-                    .map_or(f64::NAN, |f| f.median)
+                Figure::of(runs.iter().map(|r| f(&r[i])).collect()).map_or(f64::NAN, |f| f.median)
             };
-            let factor = |i: usize| {
-                Figure::of(
-                    runs.iter()
-                        .map(|r| f(&r[i].valid) / f(&r[0].valid))
-                        .collect(),
-                )
-                .map_or_else(String::new, |f| f.show(2, "x", false))
+            let factor = |i: usize, of: usize| {
+                Figure::of(runs.iter().map(|r| f(&r[i]) / f(&r[of])).collect())
+                    .map_or_else(String::new, |f| f.show(2, "x", false))
             };
             println!(
-                "| {name} | valid {label} | {:.0}{unit} | {:.0}{unit} | {} | {:.0}{unit} | {} |",
+                "| {name} | {label} | {:.1}{unit} | {:.1}{unit} | {} | {:.1}{unit} | {} | {} |",
                 value(0),
                 value(1),
-                factor(1),
+                factor(1, 0),
                 value(2),
-                factor(2)
+                factor(2, 0),
+                factor(1, 2)
             );
         }
         let fetches: Vec<u64> = runs.iter().map(|r| r[1].jwks_fetches).collect();
@@ -1957,32 +1973,12 @@ async fn kidflood_scenarios(
             .iter()
             .map(|r| r[1].burst.calls() - r[1].burst.decisions.get(&16).copied().unwrap_or(0))
             .sum();
-        println!("| {name} | JWKS fetches during each unknown-kid burst | | {fetches:?} | | | |");
+        println!("| {name} | JWKS fetches during each unknown-kid burst | | {fetches:?} | | | | |");
         println!(
-            "| {name} | unknown-kid calls not denied UNAUTHENTICATED (KEY_NOT_FOUND) | | {refused} | | | |"
+            "| {name} | unknown-kid calls not denied UNAUTHENTICATED (KEY_NOT_FOUND) | | {refused} | | | | |"
         );
     }
 }
 
-/// A figure read off one measurement (throughput, a latency quantile).
-type MeasurementFigure = dyn Fn(&Measurement) -> f64;
-
-fn clone_stats(s: &Stats) -> Stats {
-    let mut out = Stats::new();
-    out.latency_ns.add(&s.latency_ns).unwrap();
-    out.lag_ns.add(&s.lag_ns).unwrap();
-    out.grpc = s.grpc.clone();
-    out.decisions = s.decisions.clone();
-    out
-}
-
-fn clone_measurement(m: &Measurement) -> Measurement {
-    Measurement {
-        stats: clone_stats(&m.stats),
-        elapsed: m.elapsed,
-        server_cpu: m.server_cpu,
-        client_cpu: m.client_cpu,
-        rss_kib: m.rss_kib,
-        rss_series: m.rss_series.clone(),
-    }
-}
+/// A figure read off one run (throughput, a latency quantile, CPU per call).
+type FloodFigure = dyn Fn(&FloodRun) -> f64;
