@@ -95,6 +95,17 @@ fn key_refresh_waiters(sidecar: &Sidecar) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A call the sidecar did not take: UNAVAILABLE (the connection was refused or went away), or a request
+/// the client had queued on a connection that closed before it was sent (hyper cancels it, which tonic
+/// reports as CANCELLED "connection closed"; it never reached the server, so a client retries it).
+fn refused_cleanly(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Cancelled => format!("{status:?}").contains("connection closed"),
+        _ => false,
+    }
+}
+
 /// What a call of the steady load must get: `None` is an allow, else the deny reason.
 fn expected_answer(expected: Option<DenyReason>, response: &DecideResponse) {
     match expected {
@@ -128,7 +139,7 @@ async fn sigterm_under_load_finishes_calls_in_flight_refuses_new_ones_and_exits_
     ];
 
     // A steady load on connections of its own; every answer must be right, and the only failures
-    // allowed are refusals (UNAVAILABLE) once SIGTERM has been sent.
+    // allowed are clean refusals once SIGTERM has been sent.
     let terminated = Arc::new(AtomicBool::new(false));
     let mut load = JoinSet::new();
     for (token, expected) in mix.iter().cloned().cycle().take(6) {
@@ -152,7 +163,7 @@ async fn sigterm_under_load_finishes_calls_in_flight_refuses_new_ones_and_exits_
                             terminated.load(Ordering::SeqCst),
                             "a call failed before SIGTERM: {status:?}"
                         );
-                        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                        assert!(refused_cleanly(&status), "{status:?}");
                         return (before, after);
                     }
                 }
