@@ -1333,11 +1333,16 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
         }
     }
     envoy_summary(args, rows);
-    if let Some(first) = products.first() {
+    // Only when the closed-loop scenario ran.
+    if let Some(first) = products.first()
+        && let (Some(product), Some(noop)) = (
+            each(&closed, first, &Measurement::client_us_per_call),
+            each(&closed, "noop", &Measurement::client_us_per_call),
+        )
+    {
         println!(
             "| load generator CPU per call (closed loop, hot) | {:.1} µs | {:.1} µs | | (info) | |",
-            median(each(&closed, first, &Measurement::client_us_per_call)),
-            median(each(&closed, "noop", &Measurement::client_us_per_call))
+            product.median, noop.median
         );
     }
 }
