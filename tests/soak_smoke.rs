@@ -44,3 +44,19 @@ async fn a_short_soak_with_rotations_and_registry_edits_gets_every_answer_right(
     assert_eq!(report.exit_code, Some(0), "exit after SIGTERM");
     assert!(report.passed());
 }
+
+#[test]
+fn the_sustained_rss_level_ignores_a_transient_but_not_a_step() {
+    // One sample of a burst is not a level; a rise that stays is.
+    let transient = [100, 100, 100, 160, 100, 100, 100, 100];
+    assert!(
+        soak::rolling_median(&transient, 6)
+            .iter()
+            .all(|v| *v == 100)
+    );
+    let step = [100, 100, 100, 120, 120, 120, 120, 120, 120, 120];
+    assert_eq!(soak::rolling_median(&step, 6).last(), Some(&120));
+    // Fewer samples than a window: one median of them all.
+    assert_eq!(soak::rolling_median(&[3, 1, 2], 6), [2]);
+    assert!(soak::rolling_median(&[], 6).is_empty());
+}

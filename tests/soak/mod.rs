@@ -158,8 +158,14 @@ pub struct Report {
     /// (seconds into the steady phase, RSS KiB).
     pub rss: Vec<(f64, u64)>,
     pub rss_baseline_kib: u64,
+    /// Every sample after the warm-up against the baseline: transients included.
     pub rss_min_ratio: f64,
     pub rss_max_ratio: f64,
+    /// The sustained level (`SUSTAINED_RSS_WINDOW` rolling median) against the baseline: what "flat"
+    /// is judged on, since a leak or a kept high-water mark is a level that stays, while the requests
+    /// that wait out a key refresh during a rotation raise RSS for a sample or two.
+    pub rss_sustained_min_ratio: f64,
+    pub rss_sustained_max_ratio: f64,
     pub rss_flat: Option<bool>,
     pub log_lines: u64,
     pub log_errors: Vec<String>,
@@ -211,8 +217,12 @@ impl Report {
             self.latency_p50_us, self.latency_p99_us, self.latency_max_us
         );
         println!(
-            "| RSS after warm-up | {:.1} MiB; later samples {} to {} of it ({}) |",
+            "| RSS after warm-up | {:.1} MiB; sustained level ({:.0} s rolling median) {} to {} of it, \
+             single samples {} to {} ({}) |",
             self.rss_baseline_kib as f64 / 1024.0,
+            SUSTAINED_RSS_WINDOW.as_secs_f64(),
+            ratio(self.rss_sustained_min_ratio),
+            ratio(self.rss_sustained_max_ratio),
             ratio(self.rss_min_ratio),
             ratio(self.rss_max_ratio),
             match self.rss_flat {
@@ -665,6 +675,22 @@ fn free_addr() -> SocketAddr {
 fn child_of(pid: u32) -> Option<u32> {
     let listed = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     listed.split_whitespace().next()?.parse().ok()
+}
+
+/// How long RSS must stay at a level to count as the sustained level.
+pub const SUSTAINED_RSS_WINDOW: Duration = Duration::from_secs(30);
+
+/// The median of every `window` consecutive values (one per full window; all of `values` when shorter).
+pub fn rolling_median(values: &[u64], window: usize) -> Vec<u64> {
+    let window = window.clamp(1, values.len().max(1));
+    values
+        .windows(window)
+        .map(|w| {
+            let mut sorted = w.to_vec();
+            sorted.sort_unstable();
+            sorted[sorted.len() / 2]
+        })
+        .collect()
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
@@ -1245,15 +1271,27 @@ pub async fn run(options: Options) -> Report {
         .collect();
     if let Some(&baseline) = after.first() {
         let ratio = |kib: u64| kib as f64 / baseline.max(1) as f64;
+        let extremes = |values: &[u64]| {
+            values
+                .iter()
+                .copied()
+                .map(ratio)
+                .fold((f64::INFINITY, 0.0_f64), |(min, max), r| {
+                    (min.min(r), max.max(r))
+                })
+        };
         report.rss_baseline_kib = baseline;
-        report.rss_min_ratio = after
-            .iter()
-            .copied()
-            .map(ratio)
-            .fold(f64::INFINITY, f64::min);
-        report.rss_max_ratio = after.iter().copied().map(ratio).fold(0.0, f64::max);
+        (report.rss_min_ratio, report.rss_max_ratio) = extremes(&after);
+        let window = (SUSTAINED_RSS_WINDOW.as_secs_f64() / options.rss_every.as_secs_f64())
+            .round()
+            .max(1.0) as usize;
+        (
+            report.rss_sustained_min_ratio,
+            report.rss_sustained_max_ratio,
+        ) = extremes(&rolling_median(&after, window));
         report.rss_flat = options.rss_tolerance.map(|tolerance| {
-            report.rss_max_ratio <= 1.0 + tolerance && report.rss_min_ratio >= 1.0 - tolerance
+            report.rss_sustained_max_ratio <= 1.0 + tolerance
+                && report.rss_sustained_min_ratio >= 1.0 - tolerance
         });
     }
     report.rss = rss;
