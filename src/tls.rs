@@ -309,22 +309,23 @@ impl TlsEndpoint {
             Ok(None) => Reload::Unchanged,
             Ok(Some((material, config))) => {
                 self.config.store(Arc::new(config));
+                // Counted before it is logged, so that whoever sees the line sees the count.
+                self.metrics.tls_reload(self.port, "reloaded");
                 tracing::info!(
                     port = self.port,
                     certificate = material.certificate_id(),
                     "TLS certificate reloaded: new connections use it"
                 );
                 *loaded = material;
-                self.metrics.tls_reload(self.port, "reloaded");
                 Reload::Reloaded
             }
             Err(e) => {
+                self.metrics.tls_reload(self.port, "refused");
                 tracing::error!(
                     port = self.port,
                     error = %e,
                     "TLS reload refused, the current certificate keeps serving"
                 );
-                self.metrics.tls_reload(self.port, "refused");
                 Reload::Refused(e)
             }
         }
