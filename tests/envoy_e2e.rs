@@ -21,77 +21,44 @@ static ONE_STACK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_n
 /// Header every test request carries so the upstream's log shows which requests reached it.
 const CASE: &str = "x-test-case";
 
-/// The Envoy bootstrap: one listener whose HTTP connection manager runs ext_authz (gRPC, v3, fail closed)
-/// against the `s2s_authz` cluster (HTTP/2), then routes to the `upstream` cluster. Admin and listener use
-/// port 0; the real ports are read back from the admin API.
-fn bootstrap(sidecar_grpc: SocketAddr, upstream: SocketAddr) -> String {
-    format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-static_resources:
-  listeners:
-  - name: ingress
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: upstream }}
-          http_filters:
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              transport_api_version: V3
-              failure_mode_allow: false
-              grpc_service:
-                envoy_grpc: {{ cluster_name: s2s_authz }}
-                timeout: 1s
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: s2s_authz
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: s2s_authz
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: {sidecar_ip}, port_value: {sidecar_port} }}
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: {upstream_ip}, port_value: {upstream_port} }}
-"#,
-        sidecar_ip = sidecar_grpc.ip(),
-        sidecar_port = sidecar_grpc.port(),
-        upstream_ip = upstream.ip(),
-        upstream_port = upstream.port(),
-    )
+/// A configuration shipped in `deploy/envoy/`, moved to loopback: Envoy's admin and its `listener` on port 0
+/// (the real ports are read back from the admin API), the sidecar and the application where the test
+/// runs them, and whatever else `more` replaces.
+fn shipped_bootstrap(
+    file: &str,
+    listener: u16,
+    sidecar_grpc: SocketAddr,
+    upstream: SocketAddr,
+    more: &[(String, String)],
+) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/envoy")
+        .join(file);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let ports = [
+        (
+            format!("address: 0.0.0.0, port_value: {listener}"),
+            "address: 127.0.0.1, port_value: 0".to_owned(),
+        ),
+        ("port_value: 9901".to_owned(), "port_value: 0".to_owned()),
+        (
+            "port_value: 50051".to_owned(),
+            format!("port_value: {}", sidecar_grpc.port()),
+        ),
+        (
+            "port_value: 8080".to_owned(),
+            format!("port_value: {}", upstream.port()),
+        ),
+    ];
+    for (from, to) in ports.iter().chain(more) {
+        assert!(
+            text.contains(from.as_str()),
+            "{} has no `{from}`",
+            path.display()
+        );
+        text = text.replace(from.as_str(), to);
+    }
+    text
 }
 
 /// A running Envoy; killed when dropped.
@@ -229,8 +196,12 @@ impl Reply {
 }
 
 async fn send(envoy: &Envoy, case: &str, headers: &[(&str, &str)]) -> Reply {
+    send_to(envoy, "/orders/42", case, headers).await
+}
+
+async fn send_to(envoy: &Envoy, path: &str, case: &str, headers: &[(&str, &str)]) -> Reply {
     let mut request = support::http_client()
-        .get(format!("http://{}/orders/42", envoy.listener))
+        .get(format!("http://{}{path}", envoy.listener))
         .header(CASE, case);
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -277,38 +248,6 @@ fn assert_deny(reply: &Reply, case: &str, status: u16, challenge: &str, reason: 
     assert_eq!(body["reason"], reason, "{case}: body {body}");
 }
 
-#[test]
-fn generated_envoy_bootstrap_validates() {
-    let Some(envoy) =
-        support::find_tool("envoy", "S2S_ENVOY", "generated_envoy_bootstrap_validates")
-    else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("envoy.yaml");
-    std::fs::write(
-        &path,
-        bootstrap(
-            "127.0.0.1:50051".parse().unwrap(),
-            "127.0.0.1:8080".parse().unwrap(),
-        ),
-    )
-    .unwrap();
-    let output = Command::new(&envoy)
-        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "envoy --mode validate: {text}");
-    assert!(text.contains("OK"), "{text}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_enforces_sidecar_decisions_end_to_end() {
     let Some(envoy_bin) = support::find_tool(
@@ -321,7 +260,8 @@ async fn envoy_enforces_sidecar_decisions_end_to_end() {
     let _one = ONE_STACK_AT_A_TIME.lock().await;
     let (upstream, seen) = echo_upstream().await;
     let mut sidecar = tokio::task::spawn_blocking(Sidecar::start).await.unwrap();
-    let envoy = Envoy::start(envoy_bin, bootstrap(sidecar.grpc_addr, upstream)).await;
+    let config = shipped_bootstrap("envoy.yaml", 10000, sidecar.grpc_addr, upstream, &[]);
+    let envoy = Envoy::start(envoy_bin, config).await;
     let orders_token = sidecar.token(&ORDERS);
     let legacy_token = sidecar.token(&LEGACY_REPORTS);
     let stranger_token = sidecar.token(&STRANGER);
@@ -435,10 +375,18 @@ async fn envoy_enforces_sidecar_decisions_end_to_end() {
     );
     assert!(!reached_upstream(&seen, "billing"));
 
+    // The probe route of the shipped configuration skips the check, and only that exact path does.
+    let reply = send_to(&envoy, "/healthz", "probe", &[]).await;
+    assert_eq!(reply.status, 200, "probe: {}", reply.body);
+    assert!(reached_upstream(&seen, "probe"));
+    let reply = send_to(&envoy, "/healthz/more", "probe-escape", &[]).await;
+    assert_deny(&reply, "probe escape", 401, "Bearer", "TOKEN_MISSING");
+    assert!(!reached_upstream(&seen, "probe-escape"));
+
     assert_eq!(
         seen.lock().unwrap().len(),
-        2,
-        "only the two allowed requests reached the upstream"
+        3,
+        "only the two allowed requests and the probe reached the upstream"
     );
 
     // Fail closed: with the sidecar gone, even a genuine caller is turned away.
@@ -449,8 +397,11 @@ async fn envoy_enforces_sidecar_decisions_end_to_end() {
     assert_eq!(exited.and_then(|s| s.code()), Some(0), "sidecar exit");
     let bearer = format!("Bearer {orders_token}");
     let reply = send(&envoy, "sidecar-down", &[("authorization", &bearer)]).await;
-    assert_ne!(reply.status, 200, "no decision, no access: {}", reply.body);
-    assert!(reply.status >= 400, "status {}", reply.status);
+    assert_eq!(
+        reply.status, 503,
+        "no decision, no access (status_on_error): {}",
+        reply.body
+    );
     assert!(!reached_upstream(&seen, "sidecar-down"));
 }
 
@@ -459,28 +410,13 @@ const BILLING_WORKLOAD: &str = "spiffe://cluster.local/ns/billing/sa/billing";
 
 /// `deploy/envoy/envoy-mtls.yaml` as shipped, moved to loopback ports and a directory of test certificates.
 fn mtls_bootstrap(tls_dir: &Path, sidecar_grpc: SocketAddr, upstream: SocketAddr) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy-mtls.yaml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    for (from, to) in [
-        (
-            "address: 0.0.0.0, port_value: 10443".to_owned(),
-            "address: 127.0.0.1, port_value: 0".to_owned(),
-        ),
-        ("port_value: 9901".to_owned(), "port_value: 0".to_owned()),
-        (
-            "port_value: 50051".to_owned(),
-            format!("port_value: {}", sidecar_grpc.port()),
-        ),
-        (
-            "port_value: 8080".to_owned(),
-            format!("port_value: {}", upstream.port()),
-        ),
-        ("/etc/envoy/tls".to_owned(), tls_dir.display().to_string()),
-    ] {
-        assert!(text.contains(&from), "{} has no `{from}`", path.display());
-        text = text.replace(&from, &to);
-    }
-    text
+    shipped_bootstrap(
+        "envoy-mtls.yaml",
+        10443,
+        sidecar_grpc,
+        upstream,
+        &[("/etc/envoy/tls".to_owned(), tls_dir.display().to_string())],
+    )
 }
 
 /// An HTTPS client of Envoy's mTLS listener that trusts `ca` and presents `workload`'s certificate.
