@@ -1,6 +1,7 @@
 //! The command line: `s2s-authz serve` (with logging set up and signals handled) and `s2s-authz registry`.
 
 use crate::config::{self, LogFormat, MctSettings, ServeArgs};
+use crate::log_writer;
 use crate::telemetry::{self, OtlpExport, TelemetryError, Tracing};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -46,24 +47,17 @@ fn init_logging(
     format: LogFormat,
     export: Option<&OtlpExport>,
 ) -> (
-    tracing_appender::non_blocking::WorkerGuard,
+    log_writer::LogGuard,
     Result<Option<Tracing>, TelemetryError>,
 ) {
     use tracing_subscriber::filter::{FilterExt as _, filter_fn};
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{Layer as _, Registry};
-    const LOG_BUFFER_BYTES: usize = 64 * 1024;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("s2s-authz-log")
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_BUFFER_BYTES,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = log_writer::stderr();
     let Some(export) = export else {
         let _ = tracing_subscriber::registry()
             .with(filter)
@@ -91,7 +85,7 @@ fn init_logging(
 /// The log lines, in `format`, to `writer`.
 fn log_layer<S>(
     format: LogFormat,
-    writer: tracing_appender::non_blocking::NonBlocking,
+    writer: log_writer::BlockWriter,
     ansi: bool,
 ) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
 where
