@@ -187,8 +187,16 @@ mod tests {
     use super::*;
     use tracing_subscriber::fmt::MakeWriter as _;
 
+    /// What was written, and in how many `write` calls.
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Sink {
+        fn spawn(&self) -> (BlockWriter, LogGuard) {
+            let sink = self.clone();
+            spawn(move || sink)
+        }
+    }
 
     impl Write for Sink {
         fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
@@ -205,10 +213,7 @@ mod tests {
     #[test]
     fn every_line_of_every_thread_is_written_whole_and_in_blocks() {
         let sink = Sink::default();
-        let (writer, guard) = spawn({
-            let sink = sink.clone();
-            move || sink
-        });
+        let (writer, guard) = sink.spawn();
         std::thread::scope(|s| {
             for t in 0..4 {
                 let writer = writer.clone();
@@ -241,10 +246,7 @@ mod tests {
     #[test]
     fn a_line_is_written_without_more_lines_or_an_exit() {
         let sink = Sink::default();
-        let (writer, _guard) = spawn({
-            let sink = sink.clone();
-            move || sink
-        });
+        let (writer, _guard) = sink.spawn();
         writer.make_writer().write_all(b"alone\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while sink.0.lock().unwrap().0.is_empty() {
