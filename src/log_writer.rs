@@ -45,8 +45,8 @@ impl Shared {
     }
 }
 
-/// A `MakeWriter` for the fmt layer: appends each line to the shared buffer, or writes it to `sink`
-/// directly when the writer thread could not be started.
+/// A `MakeWriter` for the fmt layer: appends each line to the shared buffer, or writes it to stderr
+/// directly when the writer thread could not be started or has stopped.
 #[derive(Clone)]
 pub struct BlockWriter {
     shared: Option<Arc<Shared>>,

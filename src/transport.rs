@@ -235,14 +235,18 @@ async fn accept_loop(
         let acceptor = tokio_rustls::TlsAcceptor::from(endpoint.current());
         let (endpoint, ready) = (endpoint.clone(), ready.clone());
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+            // The fallible form hands the connection back on failure, and the timed-out handshake is
+            // kept until its outcome is counted and logged: a client sees its connection closed only
+            // after the metrics and the log say why.
+            let mut handshake = acceptor.accept(tcp).into_fallible();
+            let outcome = tokio::time::timeout(handshake_timeout, &mut handshake).await;
             drop(permit);
-            match handshake {
+            match outcome {
                 Ok(Ok(tls)) => {
                     endpoint.metrics().tls_handshake(port, "ok");
                     let _ = ready.send(Ok(Connection::tls(tls))).await;
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, tcp))) => {
                     endpoint.metrics().tls_handshake(port, "failed");
                     // A connection closed before any TLS (a TCP probe, a port scan) is not news.
                     if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -250,6 +254,7 @@ async fn accept_loop(
                     } else {
                         tracing::warn!(port, %peer, error = %e, "TLS handshake failed");
                     }
+                    drop(tcp);
                 }
                 Err(_) => {
                     endpoint.metrics().tls_handshake(port, "timeout");
@@ -259,6 +264,7 @@ async fn accept_loop(
                         timeout_ms = handshake_timeout.as_millis(),
                         "TLS handshake timed out"
                     );
+                    drop(handshake);
                 }
             }
         });
