@@ -97,11 +97,16 @@ fn key_refresh_waiters(sidecar: &Sidecar) -> Option<u64> {
 
 /// A call the sidecar did not take: UNAVAILABLE (the connection was refused or went away), or a request
 /// the client had queued on a connection that closed before it was sent (hyper cancels it, which tonic
-/// reports as CANCELLED "connection closed"; it never reached the server, so a client retries it).
+/// reports as CANCELLED "connection closed"; it never reached the server, so a client retries it), or a
+/// request sent while the server's graceful GOAWAY (NO_ERROR) was on its way: its stream is above the
+/// GOAWAY's last stream id, so the server did not process it (RFC 9113 §6.8), and h2 fails it with that
+/// GOAWAY, which tonic reports as INTERNAL.
 fn refused_cleanly(status: &tonic::Status) -> bool {
+    let debug = format!("{status:?}");
     match status.code() {
         tonic::Code::Unavailable => true,
-        tonic::Code::Cancelled => format!("{status:?}").contains("connection closed"),
+        tonic::Code::Cancelled => debug.contains("connection closed"),
+        tonic::Code::Internal => debug.contains("GoAway(b\"\", NO_ERROR, Remote)"),
         _ => false,
     }
 }
