@@ -602,6 +602,7 @@ pub fn verify(
 
 /// Reduces signed claims to what the decision reads about the calling application.
 fn identify(claims: &Claims, issuer: &TrustedIssuer) -> Result<AppClaims, token::SyntaxError> {
+    let custom: (Option<String>, Option<String>);
     let (app, oid, roles) = match &issuer.profile {
         IssuerProfile::Entra => {
             // v1 tokens name the caller in `appid`, v2 in `azp`; tokens without `ver` get whichever is there.
@@ -612,11 +613,17 @@ fn identify(claims: &Claims, issuer: &TrustedIssuer) -> Result<AppClaims, token:
             };
             (app, claims.oid.as_deref(), boxed(&claims.roles))
         }
-        IssuerProfile::Oidc(p) => (
-            claims.custom_str(&p.app_id_claim)?,
-            claims.custom_str(&p.object_id_claim)?,
-            boxed(&claims.custom_roles(&p.roles_claim)?),
-        ),
+        IssuerProfile::Oidc(p) => {
+            custom = (
+                claims.custom_str(&p.app_id_claim)?,
+                claims.custom_str(&p.object_id_claim)?,
+            );
+            (
+                custom.0.as_deref(),
+                custom.1.as_deref(),
+                boxed(&claims.custom_roles(&p.roles_claim)?),
+            )
+        }
     };
     let client_app_id = app.map(ClientAppId::from_token);
     let app_only = AppOnlyEvidence {
