@@ -3,8 +3,9 @@
 //! `jsonwebtoken::decode::<serde_json::Value>` RS256 of the same token with the same public key.
 //!
 //! The service runs in-process against an in-process development issuer, so the `Authorizer` under test
-//! is the real one with real, fetched key sets. No tracing subscriber is installed: the audit line is
-//! off, as under `RUST_LOG=warn` (its cost is measured by the load generator). See `benches/README.md`.
+//! is the real one with real, fetched key sets. No tracing subscriber is installed, so the audit line is
+//! off, as under `RUST_LOG=warn`, except in the two benches named `warm_decide_audit_*`, which measure
+//! it (and the load generator measures it in the server). See `benches/README.md`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -13,6 +14,8 @@ use s2s_authz::config::{self, MctSettings, ServeArgs};
 use s2s_authz::core::decision::{self, KeyLookup, Request, Trace};
 use s2s_authz::devissuer::{DevClient, DevIssuer, DevIssuerConfig, DevTenant, TokenVersion};
 use s2s_authz::engine::{Authorizer, Evaluation, unix_now};
+use s2s_authz::log_format::TextFormat;
+use s2s_authz::log_writer;
 use s2s_authz::server::Running;
 use s2s_authz::token_cache;
 use std::collections::HashMap;
@@ -22,6 +25,8 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
 
 const TENANT: &str = "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
 const AUDIENCE: &str = "api://b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
@@ -160,6 +165,34 @@ fn benches(c: &mut Criterion) {
     group.bench_function("warm_sha256_of_token", |b| {
         b.iter(|| token_cache::digest(black_box(&token)))
     });
+    // The same warm decision with the audit line on (`RUST_LOG=info`, text format) into the service's
+    // block writer (its writer thread writing to a sink): through `tracing-subscriber`'s generic
+    // formatter, and through the service's `TextFormat`, which writes the audit record directly.
+    for (name, direct) in [
+        ("warm_decide_audit_generic_format", false),
+        ("warm_decide_audit_text_format", true),
+    ] {
+        let (writer, _guard) = log_writer::spawn(std::io::sink);
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(false);
+        let layer = if direct {
+            layer.event_format(TextFormat::default()).boxed()
+        } else {
+            layer.boxed()
+        };
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("info"))
+            .with(tracing_subscriber::filter::filter_fn(
+                s2s_authz::telemetry::logged,
+            ))
+            .with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            group.bench_function(name, |b| {
+                b.iter(|| decide_now(&rt, &warm.authorizer, black_box(&request)))
+            });
+        });
+    }
 
     // (b) Cold: `Authorizer::decide` with the cache disabled — precheck (parse), key lookup, RS256
     // verify, authorize, metrics.

@@ -1,8 +1,8 @@
 //! The command line: `s2s-authz serve` (with logging set up and signals handled) and `s2s-authz registry`.
 
 use crate::config::{self, LogFormat, MctSettings, ServeArgs};
-use crate::log_writer;
 use crate::telemetry::{self, OtlpExport, TelemetryError, Tracing};
+use crate::{log_format, log_writer};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -96,7 +96,7 @@ where
         .with_writer(writer)
         .with_ansi(ansi);
     match format {
-        LogFormat::Text => fmt.boxed(),
+        LogFormat::Text => fmt.event_format(log_format::TextFormat::default()).boxed(),
         LogFormat::Json => fmt.json().boxed(),
     }
 }

@@ -352,7 +352,7 @@ fn record_decision(span: &Span, decision: &Decision, digest: Option<&TokenDigest
 }
 
 fn audit_enabled() -> bool {
-    tracing::enabled!(target: "s2s_authz::audit", tracing::Level::INFO)
+    tracing::enabled!(target: crate::log_format::AUDIT_TARGET, tracing::Level::INFO)
 }
 
 /// The audit record of one decision: the same fields for allow and deny (empty when not known), so
@@ -401,7 +401,7 @@ fn audit(
         ),
     };
     tracing::info!(
-        target: "s2s_authz::audit",
+        target: crate::log_format::AUDIT_TARGET,
         api = api.as_str(),
         decision = result,
         reason,

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod fetch;
 pub mod grpc;
 pub mod jwks;
+pub mod log_format;
 pub mod log_writer;
 pub mod metrics;
 pub mod proto;
