@@ -56,7 +56,8 @@ struct KeySlot {
 pub struct JwksCache {
     fetcher: Fetcher,
     settings: KeySettings,
-    slots: DashMap<String, Arc<KeySlot>>,
+    /// Keyed by JWKS URI; looked up on every decision, so hashed with [`crate::core::FastMap`]'s hasher.
+    slots: DashMap<String, Arc<KeySlot>, hashbrown::DefaultHashBuilder>,
     metrics: Arc<Metrics>,
 }
 
@@ -65,7 +66,7 @@ impl JwksCache {
         Arc::new(JwksCache {
             fetcher,
             settings,
-            slots: DashMap::new(),
+            slots: DashMap::default(),
             metrics,
         })
     }

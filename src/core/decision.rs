@@ -799,12 +799,10 @@ pub fn authorize(
     }
 
     // Validated at snapshot build: every entry has an application user holding a known role.
-    let (Some(app_user), Some(role)) = (
-        registry.application_user(&entry.name),
-        registry
-            .application_user(&entry.name)
-            .and_then(|u| registry.role(&u.security_role)),
-    ) else {
+    let Some((app_user, role)) = registry
+        .application_user(&entry.name)
+        .and_then(|u| Some((u, registry.role(&u.security_role)?)))
+    else {
         return deny(
             trace,
             Check::RoutePrivilege,

@@ -4,12 +4,12 @@
 //! used to verify a signature (encryption keys, symmetric keys, unknown types, malformed members) are
 //! skipped, not fatal: one odd key must not take an issuer's other keys down with it.
 
+use super::FastMap;
 use super::token::SignatureSegment;
 use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -72,7 +72,7 @@ pub enum JwksError {
 /// A parsed JWKS.
 #[derive(Clone, Debug, Default)]
 pub struct KeySet {
-    by_kid: HashMap<String, Arc<VerifyingKey>>,
+    by_kid: FastMap<String, Arc<VerifyingKey>>,
     /// Keys published without a `kid`; usable only by tokens without one.
     anonymous: Vec<Arc<VerifyingKey>>,
     /// How many entries were skipped as unusable.

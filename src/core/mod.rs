@@ -13,6 +13,15 @@ pub mod trust;
 #[cfg(test)]
 mod tests;
 
+/// The maps and sets every decision looks up in (issuers, keys by `kid`, audiences, the registry's
+/// indexes), with hashbrown's default hasher (foldhash, seeded per process) instead of SipHash: a warm
+/// decision makes about eight such lookups. Their contents come from configuration, the registry and
+/// the trusted issuers' key sets, never from a caller; a caller only chooses what is looked up, which
+/// cannot degrade a map built without it.
+pub type FastMap<K, V> = hashbrown::HashMap<K, V>;
+/// See [`FastMap`].
+pub type FastSet<T> = hashbrown::HashSet<T>;
+
 pub use claims::{AppClaims, AppOnlyEvidence, VerifiedClaims};
 pub use decision::{
     Allowed, Caller, Check, Decision, DecisionSettings, Denied, Headers, KeyLookup, Outcome,

@@ -4,6 +4,7 @@
 //! A snapshot is built once (from configuration now, from the registry store later), validated as a
 //! whole, and then only read; the allowlist cache swaps whole snapshots so a decision never sees half an edit.
 
+use super::FastMap;
 use super::ids::{ClientAppId, ObjectId, SpiffeId, TenantId};
 use std::collections::{BTreeSet, HashMap};
 
@@ -191,15 +192,26 @@ impl RegistryParts {
     }
 }
 
+/// A borrowed `(tenant, id)` index key: hashes as the owned tuple does (a tuple hashes its fields in
+/// order, a reference as what it points to), so a lookup copies neither id.
+#[derive(Hash)]
+struct InTenant<'a, I>(&'a TenantId, &'a I);
+
+impl<I: PartialEq> hashbrown::Equivalent<(TenantId, I)> for InTenant<'_, I> {
+    fn equivalent(&self, key: &(TenantId, I)) -> bool {
+        *self.0 == key.0 && *self.1 == key.1
+    }
+}
+
 /// Everything the allowlist stage of a decision needs, indexed for constant-time lookups.
 #[derive(Clone, Debug, Default)]
 pub struct RegistrySnapshot {
     entries: Vec<AppEntry>,
-    by_client: HashMap<(TenantId, ClientAppId), usize>,
-    by_object: HashMap<(TenantId, ObjectId), usize>,
-    app_users: HashMap<String, ApplicationUser>,
-    roles: HashMap<String, SecurityRole>,
-    users: HashMap<ObjectId, User>,
+    by_client: FastMap<(TenantId, ClientAppId), usize>,
+    by_object: FastMap<(TenantId, ObjectId), usize>,
+    app_users: FastMap<String, ApplicationUser>,
+    roles: FastMap<String, SecurityRole>,
+    users: FastMap<ObjectId, User>,
     /// Most specific first.
     routes: Vec<Route>,
 }
@@ -338,11 +350,11 @@ impl RegistrySnapshot {
         object_id: Option<&ObjectId>,
     ) -> Option<&AppEntry> {
         let by_object = object_id
-            .and_then(|oid| self.by_object.get(&(tenant.clone(), oid.clone())))
+            .and_then(|oid| self.by_object.get(&InTenant(tenant, oid)))
             .copied();
         let by_client = || {
             client_app_id
-                .and_then(|app| self.by_client.get(&(tenant.clone(), app.clone())))
+                .and_then(|app| self.by_client.get(&InTenant(tenant, app)))
                 .copied()
         };
         by_object.or_else(by_client).map(|i| &self.entries[i])
@@ -435,6 +447,49 @@ mod tests {
             resource: resource.into(),
             operation: Operation::Read,
         }
+    }
+
+    #[test]
+    fn find_entry_matches_tenant_and_id_and_prefers_the_object_id() {
+        let mut mi = entry("mi", "ignored");
+        mi.kind = AppEntryKind::ManagedIdentity;
+        mi.client_app_id = None;
+        mi.object_id = Some(ObjectId::new("oid-1"));
+        let snapshot = RegistrySnapshot::build(
+            vec![entry("cc", "app-1"), mi],
+            vec![app_user("cc", "r"), app_user("mi", "r")],
+            vec![role("r", false)],
+            vec![],
+            vec![],
+        )
+        .unwrap();
+        let (t, other) = (TenantId::new("t"), TenantId::new("other"));
+        let (app, oid) = (ClientAppId::new("app-1"), ObjectId::new("oid-1"));
+        let name = |e: Option<&AppEntry>| e.map(|e| e.name.clone());
+        assert_eq!(
+            name(snapshot.find_entry(&t, Some(&app), None)),
+            Some("cc".into())
+        );
+        assert_eq!(
+            name(snapshot.find_entry(&t, None, Some(&oid))),
+            Some("mi".into())
+        );
+        assert_eq!(
+            name(snapshot.find_entry(&t, Some(&app), Some(&oid))),
+            Some("mi".into())
+        );
+        assert_eq!(
+            name(snapshot.find_entry(&t, Some(&app), Some(&ObjectId::new("oid-2")))),
+            Some("cc".into())
+        );
+        assert_eq!(
+            name(snapshot.find_entry(&other, Some(&app), Some(&oid))),
+            None
+        );
+        assert_eq!(
+            name(snapshot.find_entry(&t, Some(&ClientAppId::new("app-2")), None)),
+            None
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! strings come from discovery documents, never from the token.
 
 use super::ids::TenantId;
+use super::{FastMap, FastSet};
 use jsonwebtoken::Algorithm;
-use std::collections::{HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// How to read identity out of a generic OIDC issuer's tokens.
@@ -55,11 +57,11 @@ pub struct TrustedIssuer {
 /// The trusted issuers as discovered so far.
 #[derive(Clone, Debug, Default)]
 pub struct TrustSnapshot {
-    issuers: HashMap<String, Arc<TrustedIssuer>>,
+    issuers: FastMap<String, Arc<TrustedIssuer>>,
     /// Trusted Entra tenants whose discovery has not succeeded yet.
-    pending_tenants: HashSet<TenantId>,
+    pending_tenants: FastSet<TenantId>,
     /// Configured generic issuers whose discovery has not succeeded yet.
-    pending_issuers: HashSet<String>,
+    pending_issuers: FastSet<String>,
 }
 
 impl TrustSnapshot {
@@ -73,8 +75,8 @@ impl TrustSnapshot {
                 .into_iter()
                 .map(|i| (i.issuer.clone(), Arc::new(i)))
                 .collect(),
-            pending_tenants,
-            pending_issuers,
+            pending_tenants: pending_tenants.into_iter().collect(),
+            pending_issuers: pending_issuers.into_iter().collect(),
         }
     }
 
@@ -96,17 +98,17 @@ impl TrustSnapshot {
 /// Accepted audiences. An Application ID URI of the form `api://{guid}` also accepts the bare `{guid}`,
 /// which is what v2 tokens carry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Audiences(HashSet<String>);
+pub struct Audiences(FastSet<String>);
 
 impl Audiences {
     pub fn new<S: AsRef<str>>(configured: impl IntoIterator<Item = S>) -> Self {
-        let mut set = HashSet::new();
+        let mut set = FastSet::default();
         for aud in configured {
             let aud = aud.as_ref().trim();
             if aud.is_empty() {
                 continue;
             }
-            set.insert(normalise_audience(aud));
+            set.insert(normalise_audience(aud).into_owned());
             if let Some(guid) = aud.strip_prefix("api://") {
                 let guid = guid.trim_end_matches('/');
                 if super::ids::is_guid(guid) {
@@ -122,15 +124,16 @@ impl Audiences {
     }
 
     pub fn accepts(&self, aud: &str) -> bool {
-        self.0.contains(normalise_audience(aud).as_str())
+        self.0.contains(normalise_audience(aud).as_ref())
     }
 }
 
-fn normalise_audience(aud: &str) -> String {
-    if super::ids::is_guid(aud) {
-        aud.to_ascii_lowercase()
+/// GUIDs compare case-insensitively; anything else exactly. Borrowed unless a GUID has upper case.
+fn normalise_audience(aud: &str) -> Cow<'_, str> {
+    if super::ids::is_guid(aud) && aud.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(aud.to_ascii_lowercase())
     } else {
-        aud.to_owned()
+        Cow::Borrowed(aud)
     }
 }
 
@@ -146,6 +149,9 @@ mod tests {
         ]);
         assert!(a.accepts("api://6E0F2B45-8C2A-4A57-9B2B-1C1F3F1B9A10"));
         assert!(a.accepts("6e0f2b45-8c2a-4a57-9b2b-1c1f3f1b9a10"));
+        // A GUID in upper case is the same GUID; anything else is compared exactly.
+        assert!(a.accepts("6E0F2B45-8C2A-4A57-9B2B-1C1F3F1B9A10"));
+        assert!(!a.accepts("HTTPS://SVC.EXAMPLE"));
         assert!(a.accepts("https://svc.example"));
         assert!(!a.accepts("https://svc.example/"));
         assert!(!a.accepts("api://other"));
