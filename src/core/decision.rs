@@ -12,7 +12,9 @@ use super::keys::{KeySet, VerifyingKey};
 use super::reason::DenyReason;
 use super::registry::{AppEntryKind, RegistrySnapshot};
 use super::token::{self, Claims, MAX_TOKEN_BYTES, UnverifiedToken};
-use super::trust::{AppOnlyRule, Audiences, IssuerProfile, TrustSnapshot, TrustedIssuer};
+use super::trust::{
+    AppOnlyRule, Audiences, IssuerProfile, TrustSnapshot, TrustedIssuer, normalise_audience,
+};
 use jsonwebtoken::Algorithm;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -639,7 +641,11 @@ fn identify(claims: &Claims, issuer: &TrustedIssuer) -> Result<AppClaims, token:
         client_app_id,
         object_id: oid.map(ObjectId::from_token),
         token_version: claims.ver.as_deref().map(Box::from),
-        audiences: boxed(&claims.aud),
+        audiences: claims
+            .aud
+            .iter()
+            .map(|a| Box::from(normalise_audience(a).as_ref()))
+            .collect(),
         roles,
         app_only,
     })
@@ -690,7 +696,12 @@ pub fn authenticate(
         IssuerProfile::Oidc(p) if !p.audiences.is_empty() => &p.audiences,
         _ => &settings.audiences,
     };
-    if !claims.app.audiences.iter().any(|a| audiences.accepts(a)) {
+    if !claims
+        .app
+        .audiences
+        .iter()
+        .any(|a| audiences.accepts_normalised(a))
+    {
         return Err(deny(
             trace,
             Check::Audience,

@@ -419,6 +419,19 @@ fn every_case_decides_as_expected() {
             Ok("orders"),
         ),
         case(
+            "aud: the GUID in upper case is the same audience",
+            sign(&with(
+                v2.clone(),
+                json!({"aud": AUD_GUID.to_ascii_uppercase()}),
+            )),
+            Ok("orders"),
+        ),
+        case(
+            "aud: the Application ID URI in upper case is not",
+            sign(&with(v2.clone(), json!({"aud": AUD.to_ascii_uppercase()}))),
+            Err(DenyReason::AudienceMismatch),
+        ),
+        case(
             "no idtyp: no scp and oid == sub is app-only",
             sign(&with(v2.clone(), json!({"idtyp": null}))),
             Ok("orders"),

@@ -124,12 +124,17 @@ impl Audiences {
     }
 
     pub fn accepts(&self, aud: &str) -> bool {
-        self.0.contains(normalise_audience(aud).as_ref())
+        self.accepts_normalised(&normalise_audience(aud))
+    }
+
+    /// `accepts` for an audience already through [`normalise_audience`].
+    pub fn accepts_normalised(&self, aud: &str) -> bool {
+        self.0.contains(aud)
     }
 }
 
 /// GUIDs compare case-insensitively; anything else exactly. Borrowed unless a GUID has upper case.
-fn normalise_audience(aud: &str) -> Cow<'_, str> {
+pub fn normalise_audience(aud: &str) -> Cow<'_, str> {
     if super::ids::is_guid(aud) && aud.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(aud.to_ascii_lowercase())
     } else {
