@@ -35,8 +35,8 @@ pub struct AppClaims {
     pub object_id: Option<ObjectId>,
     /// `ver`.
     pub token_version: Option<Box<str>>,
-    /// `aud`, normalised once as [`super::trust::Audiences`] compares audiences (a GUID in lower case,
-    /// anything else as in the token), so a cache hit compares without normalising again.
+    /// `aud`, through [`super::ids::lower_guid`] once, as [`super::trust::Audiences`] compares
+    /// audiences, so a cache hit compares them without normalising again.
     pub audiences: Box<[Box<str>]>,
     /// `roles`, or a generic issuer's configured roles claim.
     pub roles: Box<[Box<str>]>,

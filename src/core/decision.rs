@@ -7,14 +7,12 @@
 //! A decision cannot fail: every problem is a `Denied` with a reason.
 
 use super::claims::{AppClaims, AppOnlyEvidence, VerifiedClaims};
-use super::ids::{ClientAppId, ObjectId, SpiffeId, TenantId};
+use super::ids::{ClientAppId, ObjectId, SpiffeId, TenantId, lower_guid};
 use super::keys::{KeySet, VerifyingKey};
 use super::reason::DenyReason;
 use super::registry::{AppEntryKind, RegistrySnapshot};
 use super::token::{self, Claims, MAX_TOKEN_BYTES, UnverifiedToken};
-use super::trust::{
-    AppOnlyRule, Audiences, IssuerProfile, TrustSnapshot, TrustedIssuer, normalise_audience,
-};
+use super::trust::{AppOnlyRule, Audiences, IssuerProfile, TrustSnapshot, TrustedIssuer};
 use jsonwebtoken::Algorithm;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -644,7 +642,7 @@ fn identify(claims: &Claims, issuer: &TrustedIssuer) -> Result<AppClaims, token:
         audiences: claims
             .aud
             .iter()
-            .map(|a| Box::from(normalise_audience(a).as_ref()))
+            .map(|a| Box::from(lower_guid(a).as_ref()))
             .collect(),
         roles,
         app_only,

@@ -8,6 +8,7 @@
 //! Values read from a token (`from_token`) never are: a signed ` {guid}` or `orders-cli ` is not the
 //! identity it resembles, and trimming it would let one caller pass for another.
 
+use std::borrow::Cow;
 use std::fmt;
 
 fn normalise(raw: &str) -> String {
@@ -15,10 +16,16 @@ fn normalise(raw: &str) -> String {
 }
 
 fn exact(raw: &str) -> String {
-    if is_guid(raw) {
-        raw.to_ascii_lowercase()
+    lower_guid(raw).into_owned()
+}
+
+/// A GUID in lower case, anything else exactly as given: how identifiers and audiences compare.
+/// Borrowed unless a GUID has upper case.
+pub fn lower_guid(raw: &str) -> Cow<'_, str> {
+    if is_guid(raw) && raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(raw.to_ascii_lowercase())
     } else {
-        raw.to_owned()
+        Cow::Borrowed(raw)
     }
 }
 

@@ -4,10 +4,9 @@
 //! The cache layer builds a `TrustSnapshot` from discovery results; the core only reads it. Issuer
 //! strings come from discovery documents, never from the token.
 
-use super::ids::TenantId;
+use super::ids::{TenantId, lower_guid};
 use super::{FastMap, FastSet};
 use jsonwebtoken::Algorithm;
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -108,7 +107,7 @@ impl Audiences {
             if aud.is_empty() {
                 continue;
             }
-            set.insert(normalise_audience(aud).into_owned());
+            set.insert(lower_guid(aud).into_owned());
             if let Some(guid) = aud.strip_prefix("api://") {
                 let guid = guid.trim_end_matches('/');
                 if super::ids::is_guid(guid) {
@@ -123,22 +122,16 @@ impl Audiences {
         self.0.is_empty()
     }
 
+    /// Whether a token's audience, as it is in the token, is accepted. Decisions compare audiences
+    /// normalised once, when the token's claims are reduced (`accepts_normalised`).
+    #[cfg(test)]
     pub fn accepts(&self, aud: &str) -> bool {
-        self.accepts_normalised(&normalise_audience(aud))
+        self.accepts_normalised(&lower_guid(aud))
     }
 
-    /// `accepts` for an audience already through [`normalise_audience`].
+    /// Whether an audience already through [`lower_guid`] is accepted.
     pub fn accepts_normalised(&self, aud: &str) -> bool {
         self.0.contains(aud)
-    }
-}
-
-/// GUIDs compare case-insensitively; anything else exactly. Borrowed unless a GUID has upper case.
-pub fn normalise_audience(aud: &str) -> Cow<'_, str> {
-    if super::ids::is_guid(aud) && aud.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(aud.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(aud)
     }
 }
 
