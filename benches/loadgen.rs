@@ -54,7 +54,8 @@ const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
     after_help = "Scenarios: closed1 (closed loop, 1 connection, 1 call in flight), closed (closed loop at \
                   --connections x --concurrency), open (open loop at each of --rates), cold (closed loop, \
                   every token new: --cold-tokens pre-signed tokens, the scenario ends when they run out, \
-                  or with --cold-cycle when --duration does), envoy (HTTP through a real Envoy, ext_authz \
+                  or with --cold-cycle when --duration does; then open loop at --cold-rate, a new token \
+                  per call, product and no-op at the same rate), envoy (HTTP through a real Envoy, ext_authz \
                   route against the same route with the filter disabled; not in the default set), kidflood \
                   (valid traffic, 1 conn x 1 in flight, alone and during bursts of --flood-requests calls: \
                   unknown kids, and valid tokens as the control; products only; not in the default set).\n\
@@ -82,9 +83,16 @@ struct Args {
     /// Distinct tokens in the hot pool (used round robin).
     #[arg(long, default_value_t = 16)]
     hot_tokens: usize,
-    /// Tokens pre-signed for the `cold` scenario (each is sent once).
+    /// Tokens pre-signed for the `cold` scenario's closed loop (each is sent once).
     #[arg(long, default_value_t = 20_000)]
     cold_tokens: usize,
+    /// The `cold` scenario also runs open loop at this rate (calls/s), the product and the no-op at
+    /// the same rate, each call with a new token (rate x duration x rounds more are pre-signed); 0
+    /// skips it. A server's CPU per call depends on its rate (fewer calls share each wake-up and
+    /// write), and in the closed loop the no-op runs at about twice the product's cold rate; at one
+    /// offered rate, both pay the same transport cost per call.
+    #[arg(long, default_value_t = 4_000)]
+    cold_rate: u64,
     /// `kidflood` scenario: calls in each burst (unknown kids, and the valid control burst).
     #[arg(long, default_value_t = 10_000)]
     flood_requests: usize,
@@ -637,6 +645,9 @@ struct Measurement {
     /// before and after this round (their mean), so that the baseline shares the moment of the
     /// measurement. The speed of a shared box moves by ±20 % within minutes.
     raw_decode: Option<f64>,
+    /// Open-loop cold scenario: seconds of the same raw decode when each one follows a pause of the
+    /// scenario's interval between calls, as a server's decisions do at that rate (median).
+    raw_spaced: Option<f64>,
 }
 
 impl Measurement {
@@ -739,6 +750,7 @@ async fn measure(
         rss_kib: rss_kib(target.pid),
         rss_series,
         raw_decode: None,
+        raw_spaced: None,
     }
 }
 
@@ -782,10 +794,17 @@ async fn open_loop(
     let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let stats = Arc::new(Mutex::new(Stats::new()));
     let done = Arc::new(AtomicU64::new(0));
+    // The calls to wait for: `total`, or fewer if the source runs out first.
+    let expected = Arc::new(AtomicU64::new(total));
     let all_done = Arc::new(tokio::sync::Notify::new());
     let handle = tokio::runtime::Handle::current();
     let clients: Vec<_> = clients.to_vec();
-    let (s, d, n) = (stats.clone(), done.clone(), all_done.clone());
+    let (s, d, e, n) = (
+        stats.clone(),
+        done.clone(),
+        expected.clone(),
+        all_done.clone(),
+    );
     // The pacer is an OS thread: tokio's timer has a 1 ms granularity, far coarser than 100 µs.
     let pacer = std::thread::spawn(move || {
         let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -796,9 +815,15 @@ async fn open_loop(
             if intended > now {
                 std::thread::sleep(intended - now);
             }
-            let Some(request) = source.next() else { break };
+            let Some(request) = source.next() else {
+                e.store(i, Ordering::Release);
+                if d.load(Ordering::Acquire) >= i {
+                    n.notify_one();
+                }
+                break;
+            };
             let mut client = clients[(i as usize) % clients.len()].clone();
-            let (s, d, n) = (s.clone(), d.clone(), n.clone());
+            let (s, d, e, n) = (s.clone(), d.clone(), e.clone(), n.clone());
             handle.spawn(async move {
                 let sent = Instant::now();
                 let result = client.check(request).await;
@@ -810,7 +835,7 @@ async fn open_loop(
                         (sent.saturating_duration_since(intended)).as_nanos().max(1) as u64,
                     );
                 }
-                if d.fetch_add(1, Ordering::AcqRel) + 1 == total {
+                if d.fetch_add(1, Ordering::AcqRel) + 1 == e.load(Ordering::Acquire) {
                     n.notify_one();
                 }
             });
@@ -858,6 +883,32 @@ fn mint(dev: &DevIssuer, n: usize) -> Vec<String> {
             .flat_map(|h| h.join().unwrap())
             .collect()
     })
+}
+
+/// Seconds of one raw decode (as `raw_decode_cpu`'s) when each follows a pause of `gap`: the median
+/// wall time of up to 2,000 decodes, each timed alone. After a pause the code and data a decode needs
+/// are no longer in the CPU's caches and predictors (the idle core ran other work or slept), so a
+/// decode costs more than in a tight loop; a server at a moderate rate pays that on every cold Check.
+fn raw_decode_spaced(dev: &DevIssuer, tokens: &[String], gap: Duration) -> f64 {
+    let (n, e) = dev.public_key_components(&dev.current_kid()).unwrap();
+    let key = jsonwebtoken::DecodingKey::from_rsa_raw_components(&n, &e);
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&[AUDIENCE_GUID]);
+    validation.set_issuer(&[dev.v2_issuer(TENANT)]);
+    let mut times: Vec<f64> = tokens
+        .iter()
+        .take(2000)
+        .map(|t| {
+            std::thread::sleep(gap);
+            let started = Instant::now();
+            std::hint::black_box(
+                jsonwebtoken::decode::<serde_json::Value>(t, &key, &validation).is_ok(),
+            );
+            started.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// CPU seconds per raw `jsonwebtoken` RS256 decode (signature, `exp`, `aud`, `iss`) into a
@@ -987,17 +1038,24 @@ async fn run(args: Args) {
 
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
     let hot = mint(&dev, args.hot_tokens.max(1));
-    let cold = if wants("cold") {
+    let rounds = args.rounds.max(1);
+    // The open-loop cold rounds send exactly rate x duration calls each.
+    let cold_open_per_round = (args.cold_rate as f64 * args.duration).round() as usize;
+    let (cold, cold_open) = if wants("cold") {
         let started = Instant::now();
-        let tokens = tokio::task::block_in_place(|| mint(&dev, args.cold_tokens));
+        let tokens = tokio::task::block_in_place(|| {
+            mint(&dev, args.cold_tokens + cold_open_per_round * rounds)
+        });
         println!(
             "pre-signed {} cold tokens in {:.1} s",
             tokens.len(),
             started.elapsed().as_secs_f64()
         );
-        tokens
+        let mut closed = tokens;
+        let open = closed.split_off(args.cold_tokens.min(closed.len()));
+        (closed, open)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     println!(
         "token: {} bytes (RS256, v2 app token); hot pool {} tokens",
@@ -1013,7 +1071,7 @@ async fn run(args: Args) {
     );
 
     // Generous lifetime for the children: every scenario for every target, plus start-up.
-    let scenario_count = args.scenarios.len() + args.rates.len();
+    let scenario_count = args.scenarios.len() + args.rates.len() + 1;
     let lifetime = 60
         + (scenario_count as u64 + 1)
             * args.rounds.max(1) as u64
@@ -1049,7 +1107,8 @@ async fn run(args: Args) {
         );
     }
 
-    let mut scenarios: Vec<(String, Load, bool)> = Vec::new();
+    // (name, load, the cold tokens it shares out over its rounds: none for the hot pool).
+    let mut scenarios: Vec<(String, Load, Option<ColdTokens>)> = Vec::new();
     if wants("closed1") {
         scenarios.push((
             "closed loop, 1 conn x 1 in flight, hot".to_owned(),
@@ -1057,7 +1116,7 @@ async fn run(args: Args) {
                 connections: 1,
                 in_flight: 1,
             },
-            false,
+            None,
         ));
     }
     if wants("closed") {
@@ -1070,7 +1129,7 @@ async fn run(args: Args) {
                 connections: args.connections,
                 in_flight: args.concurrency,
             },
-            false,
+            None,
         ));
     }
     if wants("open") {
@@ -1081,7 +1140,7 @@ async fn run(args: Args) {
                     rate,
                     connections: args.connections,
                 },
-                false,
+                None,
             ));
         }
     }
@@ -1095,16 +1154,28 @@ async fn run(args: Args) {
                 connections: args.connections,
                 in_flight: args.concurrency,
             },
-            true,
+            Some(ColdTokens {
+                tokens: &cold,
+                per_round: cold.len().div_ceil(rounds),
+            }),
         ));
+        if args.cold_rate > 0 {
+            scenarios.push((
+                cold_open_name(&args),
+                Load::Open {
+                    rate: args.cold_rate,
+                    connections: args.connections,
+                },
+                Some(ColdTokens {
+                    tokens: &cold_open,
+                    per_round: cold_open_per_round,
+                }),
+            ));
+        }
     }
 
     let mut rows: Vec<Row> = Vec::new();
-    let rounds = args.rounds.max(1);
-    // Each round of the cold scenario sends its own share of the cold tokens, so that no product sees a
-    // token twice (it would be a cache hit).
-    let cold_share = cold.len().div_ceil(rounds).max(1);
-    for (name, load, is_cold) in &scenarios {
+    for (name, load, cold_tokens) in &scenarios {
         println!(
             "\n== {name} ({:.0} s each, {rounds} round(s))",
             args.duration
@@ -1114,16 +1185,15 @@ async fn run(args: Args) {
             if round % 2 == 1 {
                 order.reverse();
             }
-            let raw_before = is_cold.then(|| {
+            let raw_before = cold_tokens.is_some().then(|| {
                 tokio::task::block_in_place(|| raw_decode_cpu(&dev, &cold, ROUND_BATCHES))
             });
             let first = rows.len();
             for t in order {
                 // The no-op does not look at tokens, so in the cold scenario it is the hot baseline,
                 // measured at the same moment as the product's cold run.
-                let source = if *is_cold {
-                    let share = cold.chunks(cold_share).nth(round).unwrap_or(&[]);
-                    Source::new(share, args.cold_cycle)
+                let source = if let Some(cold) = cold_tokens {
+                    Source::new(cold.round(round), args.cold_cycle)
                 } else {
                     Source::new(&hot, true)
                 };
@@ -1149,8 +1219,24 @@ async fn run(args: Args) {
                     after * 1e6,
                     raw * 1e6
                 );
+                let spaced = match load {
+                    Load::Open { rate, .. } => {
+                        let gap = Duration::from_secs_f64(1.0 / (*rate).max(1) as f64);
+                        let spaced =
+                            tokio::task::block_in_place(|| raw_decode_spaced(&dev, &cold, gap));
+                        println!(
+                            "  raw decode, each after a {:.0} µs pause   r{}  {:.1} µs (median)",
+                            gap.as_secs_f64() * 1e6,
+                            round + 1,
+                            spaced * 1e6
+                        );
+                        Some(spaced)
+                    }
+                    Load::Closed { .. } => None,
+                };
                 for row in &mut rows[first..] {
                     row.m.raw_decode = Some(raw);
+                    row.m.raw_spaced = spaced;
                 }
             }
         }
@@ -1180,6 +1266,31 @@ async fn run(args: Args) {
     }
     drop(targets);
     dev.shutdown().await;
+}
+
+/// A cold scenario's tokens: each round sends its own share, so that no product sees a token twice
+/// (it would be a cache hit).
+struct ColdTokens<'a> {
+    tokens: &'a [String],
+    per_round: usize,
+}
+
+impl ColdTokens<'_> {
+    fn round(&self, round: usize) -> &[String] {
+        self.tokens
+            .chunks(self.per_round.max(1))
+            .nth(round)
+            .unwrap_or(&[])
+    }
+}
+
+/// The `cold` scenario's open-loop half: the product and the no-op at the same rate, a new token per
+/// call.
+fn cold_open_name(args: &Args) -> String {
+    format!(
+        "cold, open loop {}/s, {} conn",
+        args.cold_rate, args.connections
+    )
 }
 
 /// Per-round figures of one product against the no-op: the median and the range over the rounds.
@@ -1281,6 +1392,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
         "closed loop, {} conn x {} in flight, cold",
         args.connections, args.concurrency
     );
+    let cold_open = cold_open_name(args);
     let closed1 = "closed loop, 1 conn x 1 in flight";
     let median = |f: Option<Figure>| f.map_or(f64::NAN, |f| f.median);
     for p in &products {
@@ -1355,29 +1467,72 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             (m.server_us_per_call() - b.server_us_per_call())
                 / (m.raw_decode.unwrap_or(raw_decode) * 1e6)
         };
+        let cpu_added =
+            |m: &Measurement, b: &Measurement| m.server_us_per_call() - b.server_us_per_call();
+        let raw_us = |m: &Measurement| m.raw_decode.unwrap_or(raw_decode) * 1e6;
         if let Some(ratio) = paired(&cold, p, &added) {
             println!(
                 "| {p}: server CPU a cold Check adds over the no-op (same round) | {:.1} µs | raw decode {:.1} µs (same round) | {} | <= 1.2x | {} |",
-                median(paired(&cold, p, &|m, b| m.server_us_per_call()
-                    - b.server_us_per_call())),
-                median(each(&cold, p, &|m| m.raw_decode.unwrap_or(raw_decode) * 1e6)),
+                median(paired(&cold, p, &cpu_added)),
+                median(each(&cold, p, &raw_us)),
                 ratio.show(2, "x", false),
                 yes(ratio.median <= 1.2)
             );
+        }
+        if let Some(ratio) = paired(&cold_open, p, &added) {
+            println!(
+                "| {p}: the same, both open loop at {}/s (same round) | {:.1} µs | raw decode {:.1} µs (same round) | {} | <= 1.2x | {} |",
+                args.cold_rate,
+                median(paired(&cold_open, p, &cpu_added)),
+                median(each(&cold_open, p, &raw_us)),
+                ratio.show(2, "x", false),
+                yes(ratio.median <= 1.2)
+            );
+            let spaced = |m: &Measurement, b: &Measurement| {
+                cpu_added(m, b) / (m.raw_spaced.unwrap_or(f64::NAN) * 1e6)
+            };
+            if let Some(ratio) = paired(&cold_open, p, &spaced) {
+                println!(
+                    "| {p}: the same, against the raw decode after a pause of the interval between calls | {:.1} µs | raw decode {:.1} µs (after {:.0} µs pauses) | {} | (info) | |",
+                    median(paired(&cold_open, p, &cpu_added)),
+                    median(each(&cold_open, p, &|m| m.raw_spaced.unwrap_or(f64::NAN) * 1e6)),
+                    1e6 / args.cold_rate.max(1) as f64,
+                    ratio.show(2, "x", false)
+                );
+            }
+            if let Some(diff) = paired(&cold_open, p, &p99) {
+                println!(
+                    "| {p}: p99 open loop {}/s, cold (p50 {:.0} vs {:.0}) | {:.0} µs | {:.0} µs | {} | (info) | |",
+                    args.cold_rate,
+                    median(each(&cold_open, p, &|m| m.p(0.5))),
+                    median(each(&cold_open, "noop", &|m| m.p(0.5))),
+                    median(each(&cold_open, p, &|m| m.p(0.99))),
+                    median(each(&cold_open, "noop", &|m| m.p(0.99))),
+                    diff.show(0, " µs", true)
+                );
+            }
+        }
+        if paired(&cold, p, &added).is_some() {
             println!(
                 "| {p}: throughput, cold | {:.0}/s | {:.0}/s (hot) | {} | (info) | |",
                 median(each(&cold, p, &Measurement::throughput)),
                 median(each(&cold, "noop", &Measurement::throughput)),
                 paired(&cold, p, &throughput).map_or_else(String::new, |r| r.show(2, "x", false))
             );
-            let cached: u64 = of(&cold, p).iter().map(|r| r.m.stats.allowed()).sum();
+        }
+        // Every cold row, in the order run: the last one has the most tokens cached.
+        let cold_rows = |target: &str| {
+            let mut all = of(&cold, target);
+            all.extend(of(&cold_open, target));
+            all
+        };
+        if let Some(last) = cold_rows(p).last() {
+            let cached: u64 = cold_rows(p).iter().map(|r| r.m.stats.allowed()).sum();
             println!(
                 "| {p}: server RSS after the cold runs ({} tokens cached) | {:.1} MiB | {:.1} MiB | | (info) | |",
                 cached.min(args.token_cache_entries as u64),
-                of(&cold, p)
-                    .last()
-                    .map_or(0.0, |r| r.m.rss_kib as f64 / 1024.0),
-                of(&cold, "noop")
+                last.m.rss_kib as f64 / 1024.0,
+                cold_rows("noop")
                     .last()
                     .map_or(0.0, |r| r.m.rss_kib as f64 / 1024.0)
             );
@@ -1753,6 +1908,7 @@ async fn envoy_scenarios(
                         rss_kib: rss_kib(t.pid),
                         rss_series: Vec::new(),
                         raw_decode: None,
+                        raw_spaced: None,
                         stats,
                     },
                 };
@@ -1918,6 +2074,7 @@ async fn flood_run(
             rss_kib: rss_kib(target.pid),
             rss_series: Vec::new(),
             raw_decode: None,
+            raw_spaced: None,
         },
         burst: burst_stats,
         jwks_fetches: dev.jwks_fetches() - fetches,
