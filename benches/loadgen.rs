@@ -54,8 +54,8 @@ const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
     after_help = "Scenarios: closed1 (closed loop, 1 connection, 1 call in flight), closed (closed loop at \
                   --connections x --concurrency), open (open loop at each of --rates), cold (closed loop, \
                   every token new: --cold-tokens pre-signed tokens, the scenario ends when they run out, \
-                  or with --cold-cycle when --duration does; then open loop at --cold-rate, a new token \
-                  per call, product and no-op at the same rate), envoy (HTTP through a real Envoy, ext_authz \
+                  or with --cold-cycle when --duration does), coldopen (open loop at --cold-rate, a new \
+                  token per call, product and no-op at the same rate), envoy (HTTP through a real Envoy, ext_authz \
                   route against the same route with the filter disabled; not in the default set), kidflood \
                   (valid traffic, 1 conn x 1 in flight, alone and during bursts of --flood-requests calls: \
                   unknown kids, and valid tokens as the control; products only; not in the default set).\n\
@@ -86,9 +86,8 @@ struct Args {
     /// Tokens pre-signed for the `cold` scenario's closed loop (each is sent once).
     #[arg(long, default_value_t = 20_000)]
     cold_tokens: usize,
-    /// The `cold` scenario also runs open loop at this rate (calls/s), the product and the no-op at
-    /// the same rate, each call with a new token (rate x duration x rounds more are pre-signed); 0
-    /// skips it. A server's CPU per call depends on its rate (fewer calls share each wake-up and
+    /// The `coldopen` scenario's rate (calls/s): the product and the no-op open loop at the same rate,
+    /// each call with a new token (rate x duration x rounds are pre-signed). A server's CPU per call depends on its rate (fewer calls share each wake-up and
     /// write), and in the closed loop the no-op runs at about twice the product's cold rate; at one
     /// offered rate, both pay the same transport cost per call.
     #[arg(long, default_value_t = 4_000)]
@@ -96,12 +95,12 @@ struct Args {
     /// `kidflood` scenario: calls in each burst (unknown kids, and the valid control burst).
     #[arg(long, default_value_t = 10_000)]
     flood_requests: usize,
-    /// Scenarios to run, comma separated: closed1, closed, open, cold; envoy and kidflood are not run by
-    /// default.
+    /// Scenarios to run, comma separated: closed1, closed, open, cold, coldopen; envoy and kidflood are
+    /// not run by default.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "closed1,closed,open,cold"
+        default_value = "closed1,closed,open,cold,coldopen"
     )]
     scenarios: Vec<String>,
     /// `envoy` scenario: the Envoy binary [default: $S2S_ENVOY, else .tools/venv/bin/envoy].
@@ -1041,18 +1040,22 @@ async fn run(args: Args) {
     let rounds = args.rounds.max(1);
     // The open-loop cold rounds send exactly rate x duration calls each.
     let cold_open_per_round = (args.cold_rate as f64 * args.duration).round() as usize;
-    let (cold, cold_open) = if wants("cold") {
+    let closed_n = if wants("cold") { args.cold_tokens } else { 0 };
+    let open_n = if wants("coldopen") {
+        cold_open_per_round * rounds
+    } else {
+        0
+    };
+    let (cold, cold_open) = if closed_n + open_n > 0 {
         let started = Instant::now();
-        let tokens = tokio::task::block_in_place(|| {
-            mint(&dev, args.cold_tokens + cold_open_per_round * rounds)
-        });
+        let tokens = tokio::task::block_in_place(|| mint(&dev, closed_n + open_n));
         println!(
             "pre-signed {} cold tokens in {:.1} s",
             tokens.len(),
             started.elapsed().as_secs_f64()
         );
         let mut closed = tokens;
-        let open = closed.split_off(args.cold_tokens.min(closed.len()));
+        let open = closed.split_off(closed_n.min(closed.len()));
         (closed, open)
     } else {
         (Vec::new(), Vec::new())
@@ -1062,16 +1065,19 @@ async fn run(args: Args) {
         hot[0].len(),
         hot.len()
     );
-    let raw_decode = tokio::task::block_in_place(|| {
-        raw_decode_cpu(&dev, if cold.is_empty() { &hot } else { &cold }, 5)
-    });
+    // The raw decode's sample: tokens of the kind the cold scenarios send.
+    let samples: &[String] = [&cold, &cold_open, &hot]
+        .into_iter()
+        .find(|t| !t.is_empty())
+        .map_or(&[], |t| t.as_slice());
+    let raw_decode = tokio::task::block_in_place(|| raw_decode_cpu(&dev, samples, 5));
     println!(
         "raw jsonwebtoken RS256 decode: {:.1} µs CPU (single thread, this process)",
         raw_decode * 1e6
     );
 
     // Generous lifetime for the children: every scenario for every target, plus start-up.
-    let scenario_count = args.scenarios.len() + args.rates.len() + 1;
+    let scenario_count = args.scenarios.len() + args.rates.len();
     let lifetime = 60
         + (scenario_count as u64 + 1)
             * args.rounds.max(1) as u64
@@ -1159,19 +1165,19 @@ async fn run(args: Args) {
                 per_round: cold.len().div_ceil(rounds),
             }),
         ));
-        if args.cold_rate > 0 {
-            scenarios.push((
-                cold_open_name(&args),
-                Load::Open {
-                    rate: args.cold_rate,
-                    connections: args.connections,
-                },
-                Some(ColdTokens {
-                    tokens: &cold_open,
-                    per_round: cold_open_per_round,
-                }),
-            ));
-        }
+    }
+    if wants("coldopen") {
+        scenarios.push((
+            cold_open_name(&args),
+            Load::Open {
+                rate: args.cold_rate,
+                connections: args.connections,
+            },
+            Some(ColdTokens {
+                tokens: &cold_open,
+                per_round: cold_open_per_round,
+            }),
+        ));
     }
 
     let mut rows: Vec<Row> = Vec::new();
@@ -1186,7 +1192,7 @@ async fn run(args: Args) {
                 order.reverse();
             }
             let raw_before = cold_tokens.is_some().then(|| {
-                tokio::task::block_in_place(|| raw_decode_cpu(&dev, &cold, ROUND_BATCHES))
+                tokio::task::block_in_place(|| raw_decode_cpu(&dev, samples, ROUND_BATCHES))
             });
             let first = rows.len();
             for t in order {
@@ -1210,7 +1216,7 @@ async fn run(args: Args) {
             }
             if let Some(before) = raw_before {
                 let after =
-                    tokio::task::block_in_place(|| raw_decode_cpu(&dev, &cold, ROUND_BATCHES));
+                    tokio::task::block_in_place(|| raw_decode_cpu(&dev, samples, ROUND_BATCHES));
                 let raw = (before + after) / 2.0;
                 println!(
                     "  raw jsonwebtoken RS256 decode   r{}  {:.1} µs CPU before, {:.1} µs after the round: {:.1} µs",
@@ -1223,7 +1229,7 @@ async fn run(args: Args) {
                     Load::Open { rate, .. } => {
                         let gap = Duration::from_secs_f64(1.0 / (*rate).max(1) as f64);
                         let spaced =
-                            tokio::task::block_in_place(|| raw_decode_spaced(&dev, &cold, gap));
+                            tokio::task::block_in_place(|| raw_decode_spaced(&dev, samples, gap));
                         println!(
                             "  raw decode, each after a {:.0} µs pause   r{}  {:.1} µs (median)",
                             gap.as_secs_f64() * 1e6,
@@ -1249,9 +1255,7 @@ async fn run(args: Args) {
         kidflood_scenarios(&args, &targets, &dev, &hot, duration).await;
     }
 
-    let raw_after = tokio::task::block_in_place(|| {
-        raw_decode_cpu(&dev, if cold.is_empty() { &hot } else { &cold }, 5)
-    });
+    let raw_after = tokio::task::block_in_place(|| raw_decode_cpu(&dev, samples, 5));
     println!(
         "\nraw jsonwebtoken RS256 decode, again after the scenarios: {:.1} µs CPU; the mean of both, {:.1} µs, is the baseline",
         raw_after * 1e6,
@@ -1284,7 +1288,7 @@ impl ColdTokens<'_> {
     }
 }
 
-/// The `cold` scenario's open-loop half: the product and the no-op at the same rate, a new token per
+/// The `coldopen` scenario: the product and the no-op open loop at the same rate, a new token per
 /// call.
 fn cold_open_name(args: &Args) -> String {
     format!(
@@ -1481,7 +1485,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
         }
         if let Some(ratio) = paired(&cold_open, p, &added) {
             println!(
-                "| {p}: the same, both open loop at {}/s (same round) | {:.1} µs | raw decode {:.1} µs (same round) | {} | <= 1.2x | {} |",
+                "| {p}: server CPU a cold Check adds over the no-op, both open loop at {}/s (same round) | {:.1} µs | raw decode {:.1} µs (same round) | {} | <= 1.2x | {} |",
                 args.cold_rate,
                 median(paired(&cold_open, p, &cpu_added)),
                 median(each(&cold_open, p, &raw_us)),
