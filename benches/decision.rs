@@ -4,7 +4,7 @@
 //!
 //! The service runs in-process against an in-process development issuer, so the `Authorizer` under test
 //! is the real one with real, fetched key sets. No tracing subscriber is installed, so the audit line is
-//! off, as under `RUST_LOG=warn`, except in the two benches named `warm_decide_audit_*`, which measure
+//! off, as under `RUST_LOG=warn`, except in the three benches named `warm_decide_audit_*`, which measure
 //! it (and the load generator measures it in the server). See `benches/README.md`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -167,19 +167,28 @@ fn benches(c: &mut Criterion) {
     });
     // The same warm decision with the audit line on (`RUST_LOG=info`, text format) into the service's
     // block writer (its writer thread writing to a sink): through `tracing-subscriber`'s generic
-    // formatter, and through the service's `TextFormat`, which writes the audit record directly.
-    for (name, direct) in [
-        ("warm_decide_audit_generic_format", false),
-        ("warm_decide_audit_text_format", true),
+    // formatter, and through the service's `TextFormat`, which writes the audit record directly, with
+    // `tracing-subscriber`'s timestamp and with the service's (`UtcMicros`, the default).
+    for (name, format) in [
+        ("warm_decide_audit_generic_format", Audit::Generic),
+        (
+            "warm_decide_audit_text_format_system_time",
+            Audit::SystemTime,
+        ),
+        ("warm_decide_audit_text_format", Audit::Text),
     ] {
         let (writer, _guard) = log_writer::spawn(std::io::sink);
         let layer = tracing_subscriber::fmt::layer()
             .with_writer(writer)
             .with_ansi(false);
-        let layer = if direct {
-            layer.event_format(TextFormat::default()).boxed()
-        } else {
-            layer.boxed()
+        let layer = match format {
+            Audit::Generic => layer.boxed(),
+            Audit::SystemTime => layer
+                .event_format(TextFormat::with_timer(
+                    tracing_subscriber::fmt::time::SystemTime,
+                ))
+                .boxed(),
+            Audit::Text => layer.event_format(TextFormat::default()).boxed(),
         };
         let subscriber = tracing_subscriber::registry()
             .with(tracing_subscriber::EnvFilter::new("info"))
@@ -270,3 +279,10 @@ fn benches(c: &mut Criterion) {
 
 criterion_group!(decision_benches, benches);
 criterion_main!(decision_benches);
+
+/// How the `warm_decide_audit_*` benches format the audit line.
+enum Audit {
+    Generic,
+    SystemTime,
+    Text,
+}
