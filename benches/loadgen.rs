@@ -884,16 +884,22 @@ fn mint(dev: &DevIssuer, n: usize) -> Vec<String> {
     })
 }
 
-/// Seconds of one raw decode (as `raw_decode_cpu`'s) when each follows a pause of `gap`: the median
-/// wall time of up to 2,000 decodes, each timed alone. After a pause the code and data a decode needs
-/// are no longer in the CPU's caches and predictors (the idle core ran other work or slept), so a
-/// decode costs more than in a tight loop; a server at a moderate rate pays that on every cold Check.
-fn raw_decode_spaced(dev: &DevIssuer, tokens: &[String], gap: Duration) -> f64 {
+/// The key and validation of the raw `jsonwebtoken` decode: signature, `exp`, `aud`, `iss`.
+fn raw_decoder(dev: &DevIssuer) -> (jsonwebtoken::DecodingKey, jsonwebtoken::Validation) {
     let (n, e) = dev.public_key_components(&dev.current_kid()).unwrap();
     let key = jsonwebtoken::DecodingKey::from_rsa_raw_components(&n, &e);
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.set_audience(&[AUDIENCE_GUID]);
     validation.set_issuer(&[dev.v2_issuer(TENANT)]);
+    (key, validation)
+}
+
+/// Seconds of one raw decode (as `raw_decode_cpu`'s) when each follows a pause of `gap`: the median
+/// wall time of up to 2,000 decodes, each timed alone. After a pause the code and data a decode needs
+/// are no longer in the CPU's caches and predictors (the idle core ran other work or slept), so a
+/// decode costs more than in a tight loop; a server at a moderate rate pays that on every cold Check.
+fn raw_decode_spaced(dev: &DevIssuer, tokens: &[String], gap: Duration) -> f64 {
+    let (key, validation) = raw_decoder(dev);
     let mut times: Vec<f64> = tokens
         .iter()
         .take(2000)
@@ -917,11 +923,7 @@ fn raw_decode_spaced(dev: &DevIssuer, tokens: &[String], gap: Duration) -> f64 {
 const ROUND_BATCHES: usize = 3;
 
 fn raw_decode_cpu(dev: &DevIssuer, tokens: &[String], batches: usize) -> f64 {
-    let (n, e) = dev.public_key_components(&dev.current_kid()).unwrap();
-    let key = jsonwebtoken::DecodingKey::from_rsa_raw_components(&n, &e);
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-    validation.set_audience(&[AUDIENCE_GUID]);
-    validation.set_issuer(&[dev.v2_issuer(TENANT)]);
+    let (key, validation) = raw_decoder(dev);
     let sample = &tokens[..tokens.len().min(1000)];
     for t in sample.iter().take(100) {
         assert!(jsonwebtoken::decode::<serde_json::Value>(t, &key, &validation).is_ok());
