@@ -55,8 +55,9 @@ const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
                   --connections x --concurrency), open (open loop at each of --rates), cold (closed loop, \
                   every token new: --cold-tokens pre-signed tokens, the scenario ends when they run out, \
                   or with --cold-cycle when --duration does), coldopen (open loop at --cold-rate, a new \
-                  token per call, product and no-op at the same rate), envoy (HTTP through a real Envoy, ext_authz \
-                  route against the same route with the filter disabled; not in the default set), kidflood \
+                  token per call, product and no-op at the same rate), envoy (HTTP through a real Envoy, \
+                  ext_authz route against the same route with the filter disabled; not in the default \
+                  set), kidflood \
                   (valid traffic, 1 conn x 1 in flight, alone and during bursts of --flood-requests calls: \
                   unknown kids, and valid tokens as the control; products only; not in the default set).\n\
                   Example, a longer run: cargo bench --bench loadgen -- --duration 30 --log-levels info,warn"
@@ -87,9 +88,10 @@ struct Args {
     #[arg(long, default_value_t = 20_000)]
     cold_tokens: usize,
     /// The `coldopen` scenario's rate (calls/s): the product and the no-op open loop at the same rate,
-    /// each call with a new token (rate x duration x rounds are pre-signed). A server's CPU per call depends on its rate (fewer calls share each wake-up and
-    /// write), and in the closed loop the no-op runs at about twice the product's cold rate; at one
-    /// offered rate, both pay the same transport cost per call.
+    /// each call with a new token (rate x duration x rounds are pre-signed). A server's CPU per call
+    /// depends on its rate (fewer calls share each wake-up and write), and in the closed loop the
+    /// no-op runs at about twice the product's cold rate; at one offered rate, both pay the same
+    /// transport cost per call.
     #[arg(long, default_value_t = 4_000)]
     cold_rate: u64,
     /// `kidflood` scenario: calls in each burst (unknown kids, and the valid control burst).
@@ -644,7 +646,7 @@ struct Measurement {
     /// before and after this round (their mean), so that the baseline shares the moment of the
     /// measurement. The speed of a shared box moves by ±20 % within minutes.
     raw_decode: Option<f64>,
-    /// Open-loop cold scenario: seconds of the same raw decode when each one follows a pause of the
+    /// `coldopen`: seconds of the same raw decode when each one follows a pause of the
     /// scenario's interval between calls, as a server's decisions do at that rate (median).
     raw_spaced: Option<f64>,
 }
@@ -1129,10 +1131,7 @@ async fn run(args: Args) {
     }
     if wants("closed") {
         scenarios.push((
-            format!(
-                "closed loop, {} conn x {} in flight, hot",
-                args.connections, args.concurrency
-            ),
+            closed_name(&args, "hot"),
             Load::Closed {
                 connections: args.connections,
                 in_flight: args.concurrency,
@@ -1154,10 +1153,7 @@ async fn run(args: Args) {
     }
     if wants("cold") {
         scenarios.push((
-            format!(
-                "closed loop, {} conn x {} in flight, cold",
-                args.connections, args.concurrency
-            ),
+            closed_name(&args, "cold"),
             Load::Closed {
                 connections: args.connections,
                 in_flight: args.concurrency,
@@ -1290,6 +1286,15 @@ impl ColdTokens<'_> {
     }
 }
 
+/// The `closed` (`tokens`: "hot") and `cold` ("cold") scenarios: closed loop at `--connections` x
+/// `--concurrency`.
+fn closed_name(args: &Args, tokens: &str) -> String {
+    format!(
+        "closed loop, {} conn x {} in flight, {tokens}",
+        args.connections, args.concurrency
+    )
+}
+
 /// The `coldopen` scenario: the product and the no-op open loop at the same rate, a new token per
 /// call.
 fn cold_open_name(args: &Args) -> String {
@@ -1390,14 +1395,8 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
         "| figure | s2s-authz (median) | no-op (median) | ratio / difference | target | met |"
     );
     println!("|---|---|---|---|---|---|");
-    let closed = format!(
-        "closed loop, {} conn x {} in flight, hot",
-        args.connections, args.concurrency
-    );
-    let cold = format!(
-        "closed loop, {} conn x {} in flight, cold",
-        args.connections, args.concurrency
-    );
+    let closed = closed_name(args, "hot");
+    let cold = closed_name(args, "cold");
     let cold_open = cold_open_name(args);
     let closed1 = "closed loop, 1 conn x 1 in flight";
     let median = |f: Option<Figure>| f.map_or(f64::NAN, |f| f.median);
@@ -1468,14 +1467,12 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 );
             }
         }
-        // Each round's own raw decode, measured around it; the run's mean if there is none.
-        let added = |m: &Measurement, b: &Measurement| {
-            (m.server_us_per_call() - b.server_us_per_call())
-                / (m.raw_decode.unwrap_or(raw_decode) * 1e6)
-        };
         let cpu_added =
             |m: &Measurement, b: &Measurement| m.server_us_per_call() - b.server_us_per_call();
+        // Each round's own raw decode, measured around it; the run's mean if there is none.
         let raw_us = |m: &Measurement| m.raw_decode.unwrap_or(raw_decode) * 1e6;
+        let spaced_us = |m: &Measurement| m.raw_spaced.unwrap_or(f64::NAN) * 1e6;
+        let added = |m: &Measurement, b: &Measurement| cpu_added(m, b) / raw_us(m);
         if let Some(ratio) = paired(&cold, p, &added) {
             println!(
                 "| {p}: server CPU a cold Check adds over the no-op (same round) | {:.1} µs | raw decode {:.1} µs (same round) | {} | <= 1.2x | {} |",
@@ -1483,6 +1480,12 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 median(each(&cold, p, &raw_us)),
                 ratio.show(2, "x", false),
                 yes(ratio.median <= 1.2)
+            );
+            println!(
+                "| {p}: throughput, cold | {:.0}/s | {:.0}/s (hot) | {} | (info) | |",
+                median(each(&cold, p, &Measurement::throughput)),
+                median(each(&cold, "noop", &Measurement::throughput)),
+                paired(&cold, p, &throughput).map_or_else(String::new, |r| r.show(2, "x", false))
             );
         }
         if let Some(ratio) = paired(&cold_open, p, &added) {
@@ -1494,14 +1497,12 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 ratio.show(2, "x", false),
                 yes(ratio.median <= 1.2)
             );
-            let spaced = |m: &Measurement, b: &Measurement| {
-                cpu_added(m, b) / (m.raw_spaced.unwrap_or(f64::NAN) * 1e6)
-            };
+            let spaced = |m: &Measurement, b: &Measurement| cpu_added(m, b) / spaced_us(m);
             if let Some(ratio) = paired(&cold_open, p, &spaced) {
                 println!(
                     "| {p}: the same, against the raw decode after a pause of the interval between calls | {:.1} µs | raw decode {:.1} µs (after {:.0} µs pauses) | {} | (info) | |",
                     median(paired(&cold_open, p, &cpu_added)),
-                    median(each(&cold_open, p, &|m| m.raw_spaced.unwrap_or(f64::NAN) * 1e6)),
+                    median(each(&cold_open, p, &spaced_us)),
                     1e6 / args.cold_rate.max(1) as f64,
                     ratio.show(2, "x", false)
                 );
@@ -1517,14 +1518,6 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                     diff.show(0, " µs", true)
                 );
             }
-        }
-        if paired(&cold, p, &added).is_some() {
-            println!(
-                "| {p}: throughput, cold | {:.0}/s | {:.0}/s (hot) | {} | (info) | |",
-                median(each(&cold, p, &Measurement::throughput)),
-                median(each(&cold, "noop", &Measurement::throughput)),
-                paired(&cold, p, &throughput).map_or_else(String::new, |r| r.show(2, "x", false))
-            );
         }
         // Every cold row, in the order run: the last one has the most tokens cached.
         let cold_rows = |target: &str| {
