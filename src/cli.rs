@@ -97,7 +97,9 @@ where
         .with_ansi(ansi);
     match format {
         LogFormat::Text => fmt.event_format(log_format::TextFormat::default()).boxed(),
-        LogFormat::Json => fmt.json().boxed(),
+        // The same timestamps as tracing-subscriber's default (`SystemTime`), the date formatted once
+        // per second and thread.
+        LogFormat::Json => fmt.json().with_timer(log_format::UtcMicros).boxed(),
     }
 }
 
