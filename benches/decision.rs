@@ -43,6 +43,48 @@ fn app() -> DevClient {
     }
 }
 
+/// The token cache's hits and misses so far, from the service's metrics.
+fn cache_counters(authorizer: &Authorizer) -> (u64, u64) {
+    let text = authorizer.metrics().encode();
+    let counter = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap() as u64
+    };
+    (
+        counter("s2s_authz_token_cache_hits_total"),
+        counter("s2s_authz_token_cache_misses_total"),
+    )
+}
+
+/// `n` tokens for the bench's application, each distinct (its own `uti`), signed on every core.
+fn mint(dev: &DevIssuer, n: usize) -> Vec<String> {
+    let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
+    let per = n.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let count = per.min(n.saturating_sub(t * per));
+                scope.spawn(move || {
+                    (0..count)
+                        .map(|_| dev.mint_app_token(TENANT, &app(), AUDIENCE).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
 async fn service(dev: &DevIssuer, cache_entries: usize) -> Running {
     let yaml = format!(
         r#"
@@ -101,6 +143,18 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     let warm = rt.block_on(service(&dev, 100_000));
     let cold = rt.block_on(service(&dev, 0));
+    // As a server meets a flood of unique tokens: the cache on and full, and (nearly) every token new.
+    // The pool cycles through 48 times as many tokens as the cache holds. S3-FIFO keeps a stable part
+    // of a cycled pool, about entries / tokens of it (at 3 times, a third of the calls were hits), so the
+    // pool is large against the cache, and the share of hits is checked below. Under `cargo test
+    // --benches` (one pass, no `--bench`) a small pool keeps the setup short.
+    let (full_entries, distinct) = if std::env::args().any(|a| a == "--bench") {
+        (256, 12_288)
+    } else {
+        (4, 192)
+    };
+    let full = rt.block_on(service(&dev, full_entries));
+    let fresh = mint(&dev, distinct);
     let token = dev.mint_app_token(TENANT, &app(), AUDIENCE).unwrap();
     let headers: HashMap<String, String> = HashMap::new();
     let request = Request {
@@ -113,7 +167,7 @@ fn benches(c: &mut Criterion) {
 
     // Wait (bounded) for discovery and keys, then make sure the warm cache holds the token.
     let deadline = Instant::now() + Duration::from_secs(20);
-    for running in [&warm, &cold] {
+    for running in [&warm, &cold, &full] {
         while !rt
             .block_on(running.authorizer.decide(&request, false))
             .decision
@@ -212,6 +266,28 @@ fn benches(c: &mut Criterion) {
             e
         })
     });
+    // (b') Cold with the cache on and full, a new token each time: also the token's SHA-256, the cache's
+    // miss, insert and eviction, and token bytes not yet in the CPU's caches.
+    let mut next = 0usize;
+    group.bench_function("cold_decide_rs256_new_token_cache_full", |b| {
+        b.iter(|| {
+            next = (next + 1) % fresh.len();
+            let request = Request {
+                token: &fresh[next],
+                ..request
+            };
+            let e = decide_now(&rt, &full.authorizer, black_box(&request));
+            debug_assert!(e.decision.is_allowed());
+            e
+        })
+    });
+    assert!(full.authorizer.token_cache().len() <= full_entries);
+    let (hits, misses) = cache_counters(&full.authorizer);
+    assert!(
+        hits * 20 < hits + misses,
+        "cold_decide_rs256_new_token_cache_full: {hits} hits and {misses} misses; a cold bench must miss"
+    );
+
     // The pure core of it: precheck + verify + authorize over the same loaded key set.
     let trust = cold.authorizer.directory().trust();
     let issuer = trust.issuer(&dev.v2_issuer(TENANT)).unwrap().clone();
@@ -268,11 +344,21 @@ fn benches(c: &mut Criterion) {
             jsonwebtoken::decode::<serde_json::Value>(black_box(&token), &key, &validation).is_ok()
         })
     });
+    // The same decode over the pool of new tokens, as `cold_decide_rs256_new_token_cache_full` sees them.
+    let mut next = 0usize;
+    group.bench_function("baseline_jsonwebtoken_decode_rs256_new_token", |b| {
+        b.iter(|| {
+            next = (next + 1) % fresh.len();
+            jsonwebtoken::decode::<serde_json::Value>(black_box(&fresh[next]), &key, &validation)
+                .is_ok()
+        })
+    });
     group.finish();
 
     rt.block_on(async {
         warm.shutdown().await;
         cold.shutdown().await;
+        full.shutdown().await;
         dev.shutdown().await;
     });
 }
