@@ -12,7 +12,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use s2s_authz::config::{self, MctSettings, ServeArgs};
 use s2s_authz::core::decision::{self, KeyLookup, Request, Trace};
-use s2s_authz::devissuer::{DevClient, DevIssuer, DevIssuerConfig, DevTenant, TokenVersion};
+mod common;
+
+use common::{APP, AUDIENCE, AUDIENCE_GUID, TENANT, app, mint};
+use s2s_authz::devissuer::{DevIssuer, DevIssuerConfig, DevTenant};
 use s2s_authz::engine::{Authorizer, Evaluation, unix_now};
 use s2s_authz::log_format::TextFormat;
 use s2s_authz::log_writer;
@@ -28,61 +31,14 @@ use tokio::runtime::Runtime;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-const TENANT: &str = "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
-const AUDIENCE: &str = "api://b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
-const AUDIENCE_GUID: &str = "b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
-const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
-
-fn app() -> DevClient {
-    DevClient {
-        client_id: APP.to_owned(),
-        client_secret: "bench".to_owned(),
-        object_id: "9c8b7a6f-5e4d-4c3b-8a29-1f0e9d8c7b6a".to_owned(),
-        roles: vec!["S2SAppRole".to_owned()],
-        token_version: TokenVersion::V2,
-    }
-}
-
 /// The token cache's hits and misses so far, from the service's metrics.
 fn cache_counters(authorizer: &Authorizer) -> (u64, u64) {
     let text = authorizer.metrics().encode();
-    let counter = |name: &str| {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap() as u64
-    };
+    let counter = |name: &str| common::prom::metric(&text, name, &[]).unwrap() as u64;
     (
         counter("s2s_authz_token_cache_hits_total"),
         counter("s2s_authz_token_cache_misses_total"),
     )
-}
-
-/// `n` tokens for the bench's application, each distinct (its own `uti`), signed on every core.
-fn mint(dev: &DevIssuer, n: usize) -> Vec<String> {
-    let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
-    let per = n.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let count = per.min(n.saturating_sub(t * per));
-                scope.spawn(move || {
-                    (0..count)
-                        .map(|_| dev.mint_app_token(TENANT, &app(), AUDIENCE).unwrap())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    })
 }
 
 async fn service(dev: &DevIssuer, cache_entries: usize) -> Running {

@@ -22,7 +22,10 @@
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use s2s_authz::devissuer::{DevClient, DevIssuer, DevIssuerConfig, DevTenant, TokenVersion};
+mod common;
+
+use common::{APP, AUDIENCE, AUDIENCE_GUID, TENANT, app, mint};
+use s2s_authz::devissuer::{DevIssuer, DevIssuerConfig, DevTenant};
 use s2s_authz::proto::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
@@ -41,11 +44,6 @@ use std::time::{Duration, Instant};
 use tonic::codegen::Bytes;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
-
-const TENANT: &str = "3f6b2a1e-8c4d-4e5f-9a7b-1c2d3e4f5a6b";
-const AUDIENCE: &str = "api://b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
-const AUDIENCE_GUID: &str = "b7e3c1a2-4d5e-4f60-8a9b-0c1d2e3f4a5b";
-const APP: &str = "6a1f0c2b-3d4e-4f5a-8b6c-7d8e9f0a1b2c";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -682,15 +680,7 @@ async fn cache_counts(target: &Target) -> Option<CacheCounts> {
         .text()
         .await
         .ok()?;
-    let counter = |name: &str| {
-        body.lines().find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-    };
+    let counter = |name: &str| common::prom::metric(&body, name, &[]);
     Some(CacheCounts {
         hits: counter("s2s_authz_token_cache_hits_total")? as u64,
         misses: counter("s2s_authz_token_cache_misses_total")? as u64,
@@ -983,37 +973,6 @@ async fn open_loop(
 
 // ---------------------------------------------------------------------------------------------------
 // The run.
-
-fn app() -> DevClient {
-    DevClient {
-        client_id: APP.to_owned(),
-        client_secret: "loadgen".to_owned(),
-        object_id: "9c8b7a6f-5e4d-4c3b-8a29-1f0e9d8c7b6a".to_owned(),
-        roles: vec!["S2SAppRole".to_owned()],
-        token_version: TokenVersion::V2,
-    }
-}
-
-fn mint(dev: &DevIssuer, n: usize) -> Vec<String> {
-    let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
-    let per = n.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let count = per.min(n.saturating_sub(t * per));
-                scope.spawn(move || {
-                    (0..count)
-                        .map(|_| dev.mint_app_token(TENANT, &app(), AUDIENCE).unwrap())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    })
-}
 
 /// The key and validation of the raw `jsonwebtoken` decode: signature, `exp`, `aud`, `iss`.
 fn raw_decoder(dev: &DevIssuer) -> (jsonwebtoken::DecodingKey, jsonwebtoken::Validation) {
