@@ -152,9 +152,22 @@ struct Args {
     /// E.g. `callgrind_control -d {pid}`.
     #[arg(long)]
     after_measure: Option<String>,
+    /// Also run a second baseline, `noop+decode`: the no-op server that does one raw `jsonwebtoken`
+    /// RS256 decode of each call's bearer token (the call's only work; no cache) and answers by its
+    /// result. Its CPU over the no-op's is what a raw decode costs *inside a server*, at a rate and
+    /// between syscalls as the product's own cold verifications are, where the cold figure's baseline
+    /// is a decode in a tight loop on one thread.
+    #[arg(long)]
+    decode_baseline: bool,
     /// Internal: serve the no-op ext_authz and print its address.
     #[arg(long, hide = true)]
     noop_server: bool,
+    /// Internal: the no-op decodes each bearer token with this RSA key (`n.e`, base64url).
+    #[arg(long, hide = true)]
+    noop_decode_key: Option<String>,
+    /// Internal: the issuer the decoding no-op requires.
+    #[arg(long, hide = true)]
+    noop_decode_iss: Option<String>,
     /// Internal: the longest a child server may live, in seconds.
     #[arg(long, hide = true, default_value_t = 3600)]
     max_lifetime: u64,
@@ -166,7 +179,17 @@ struct Args {
 fn main() {
     let args = Args::parse();
     if args.noop_server {
-        noop_server(args.max_lifetime);
+        let decoder = args.noop_decode_key.as_deref().map(|key| {
+            let (n, e) = key.split_once('.').unwrap();
+            let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+            validation.set_audience(&[AUDIENCE_GUID]);
+            validation.set_issuer(&[args.noop_decode_iss.as_deref().unwrap()]);
+            (
+                jsonwebtoken::DecodingKey::from_rsa_components(n, e).unwrap(),
+                validation,
+            )
+        });
+        noop_server(args.max_lifetime, decoder);
         return;
     }
     if !args.bench {
@@ -184,17 +207,51 @@ fn main() {
 // ---------------------------------------------------------------------------------------------------
 // The no-op baseline server.
 
-struct Noop;
+/// The baselines' target names.
+const NOOP: &str = "noop";
+const NOOP_DECODE: &str = "noop+decode";
+
+fn is_baseline(name: &str) -> bool {
+    name == NOOP || name == NOOP_DECODE
+}
+
+/// Answers OK at once; with a decoder (`--decode-baseline`), first decodes the call's bearer token
+/// with raw `jsonwebtoken` and answers PERMISSION_DENIED (7) if that fails.
+struct Noop {
+    decoder: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
+}
+
+impl Noop {
+    fn decodes(&self, request: &CheckRequest) -> bool {
+        let Some((key, validation)) = &self.decoder else {
+            return true;
+        };
+        let token = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .and_then(|h| h.headers.get("authorization"))
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        jsonwebtoken::decode::<serde_json::Value>(token, key, validation).is_ok()
+    }
+}
 
 #[tonic::async_trait]
 impl Authorization for Noop {
     async fn check(
         &self,
-        _request: tonic::Request<CheckRequest>,
+        request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let code = if self.decodes(request.get_ref()) {
+            0
+        } else {
+            7
+        };
         Ok(tonic::Response::new(CheckResponse {
             status: Some(rpc::Status {
-                code: 0,
+                code,
                 ..Default::default()
             }),
             ..Default::default()
@@ -203,7 +260,10 @@ impl Authorization for Noop {
 }
 
 /// Serves until its deadline or until standard input closes (the parent is gone).
-fn noop_server(max_lifetime: u64) {
+fn noop_server(
+    max_lifetime: u64,
+    decoder: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
+) {
     // The same runtime shape as the product's (`new_multi_thread` with default workers).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -226,7 +286,7 @@ fn noop_server(max_lifetime: u64) {
             }
         };
         tonic::transport::Server::builder()
-            .add_service(AuthorizationServer::new(Noop))
+            .add_service(AuthorizationServer::new(Noop { decoder }))
             // Like tonic's own `serve(addr)`, which sets TCP_NODELAY on accepted connections.
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -382,17 +442,29 @@ fn hook(cmd: Option<&str>, pid: u32) {
     }
 }
 
-fn start_noop(args: &Args, lifetime: u64) -> Target {
-    let mut child = command(
+/// The no-op baseline (`NOOP`), or with `decode` (the development issuer), the decoding one
+/// (`NOOP_DECODE`).
+fn start_noop(args: &Args, lifetime: u64, decode: Option<&DevIssuer>) -> Target {
+    let mut cmd = command(
         args.wrap.as_deref(),
         std::env::current_exe().unwrap().as_os_str(),
-    )
-    .args(["--noop-server", "--max-lifetime", &lifetime.to_string()])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .spawn()
-    .unwrap();
+    );
+    cmd.args(["--noop-server", "--max-lifetime", &lifetime.to_string()]);
+    if let Some(dev) = decode {
+        use base64::Engine as _;
+        let (n, e) = dev.public_key_components(&dev.current_kid()).unwrap();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        cmd.arg("--noop-decode-key")
+            .arg(format!("{}.{}", b64.encode(n), b64.encode(e)))
+            .arg("--noop-decode-iss")
+            .arg(dev.v2_issuer(TENANT));
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -404,7 +476,7 @@ fn start_noop(args: &Args, lifetime: u64) -> Target {
         .unwrap();
     let pid = child.id();
     Target {
-        name: "noop".to_owned(),
+        name: if decode.is_some() { NOOP_DECODE } else { NOOP }.to_owned(),
         addr,
         pid,
         child,
@@ -1179,7 +1251,10 @@ async fn run(args: Args) {
     let dir = tempfile::tempdir().unwrap();
     let mut targets: Vec<Target> = Vec::new();
     if !args.no_baseline {
-        targets.push(start_noop(&args, lifetime));
+        targets.push(start_noop(&args, lifetime, None));
+        if args.decode_baseline {
+            targets.push(start_noop(&args, lifetime, Some(&dev)));
+        }
     }
     for level in &args.log_levels {
         for product in &products(&args) {
@@ -1284,7 +1359,8 @@ async fn run(args: Args) {
             let first = rows.len();
             for t in order {
                 // The no-op does not look at tokens, so in the cold scenario it is the hot baseline,
-                // measured at the same moment as the product's cold run.
+                // measured at the same moment as the product's cold run; the decoding no-op decodes
+                // every token it is sent, cold or hot.
                 let source = if let Some(cold) = cold_tokens {
                     Source::new(cold.round(round), args.cold_cycle)
                 } else {
@@ -1452,18 +1528,27 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             .filter(|r| r.scenario.starts_with(scenario) && r.target == target)
             .collect()
     };
-    let paired = |scenario: &str, target: &str, f: &dyn Fn(&Measurement, &Measurement) -> f64| {
-        let base = of(scenario, "noop");
+    // `f(target's, baseline's, decoding baseline's)` per round that has all three (the third is the
+    // no-op's own measurement without `--decode-baseline`, for figures that do not use it).
+    let paired3 = |scenario: &str,
+                   target: &str,
+                   f: &dyn Fn(&Measurement, &Measurement, &Measurement) -> f64| {
+        let base = of(scenario, NOOP);
+        let decoding = of(scenario, NOOP_DECODE);
         let values = of(scenario, target)
             .into_iter()
             .filter_map(|r| {
-                base.iter()
-                    .find(|b| b.round == r.round)
-                    .map(|b| f(&r.m, &b.m))
+                let b = base.iter().find(|b| b.round == r.round)?;
+                let d = decoding.iter().find(|d| d.round == r.round).unwrap_or(b);
+                Some(f(&r.m, &b.m, &d.m))
             })
             .collect();
         Figure::of(values)
     };
+    let paired = |scenario: &str, target: &str, f: &dyn Fn(&Measurement, &Measurement) -> f64| {
+        paired3(scenario, target, &|m, b, _| f(m, b))
+    };
+    let decoding_ran = rows.iter().any(|r| r.target == NOOP_DECODE);
     let each = |scenario: &str, target: &str, f: &dyn Fn(&Measurement) -> f64| {
         Figure::of(of(scenario, target).into_iter().map(|r| f(&r.m)).collect())
     };
@@ -1500,7 +1585,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 args.connections,
                 args.concurrency,
                 median(each(&closed, p, &Measurement::throughput)),
-                median(each(&closed, "noop", &Measurement::throughput)),
+                median(each(&closed, NOOP, &Measurement::throughput)),
                 ratio.show(2, "x", false),
                 yes(ratio.median >= 0.8)
             );
@@ -1509,7 +1594,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             println!(
                 "| {p}: server CPU per Check, hot | {:.1} µs | {:.1} µs | {} | <= 1.3x | {} |",
                 median(each(&closed, p, &Measurement::server_us_per_call)),
-                median(each(&closed, "noop", &Measurement::server_us_per_call)),
+                median(each(&closed, NOOP, &Measurement::server_us_per_call)),
                 ratio.show(2, "x", false),
                 yes(ratio.median <= 1.3)
             );
@@ -1518,7 +1603,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             println!(
                 "| {p}: p99 closed loop, hot | {:.0} µs | {:.0} µs | {} | (info) | |",
                 median(each(&closed, p, &|m| m.p(0.99))),
-                median(each(&closed, "noop", &|m| m.p(0.99))),
+                median(each(&closed, NOOP, &|m| m.p(0.99))),
                 diff.show(0, " µs", true)
             );
         }
@@ -1526,7 +1611,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             println!(
                 "| {p}: throughput, 1 conn x 1 in flight | {:.0}/s | {:.0}/s | {} | (info) | |",
                 median(each(closed1, p, &Measurement::throughput)),
-                median(each(closed1, "noop", &Measurement::throughput)),
+                median(each(closed1, NOOP, &Measurement::throughput)),
                 ratio.show(2, "x", false)
             );
         }
@@ -1534,7 +1619,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             println!(
                 "| {p}: p50 latency, 1 conn x 1 in flight | {:.0} µs | {:.0} µs | {} | (info) | |",
                 median(each(closed1, p, &|m| m.p(0.5))),
-                median(each(closed1, "noop", &|m| m.p(0.5))),
+                median(each(closed1, NOOP, &|m| m.p(0.5))),
                 diff.show(0, " µs", true)
             );
         }
@@ -1549,9 +1634,9 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 println!(
                     "| {p}: p99 open loop {rate}/s (p50 {:.0} vs {:.0}) | {:.0} µs | {:.0} µs | {} | {target} | {met} |",
                     median(each(&name, p, &|m| m.p(0.5))),
-                    median(each(&name, "noop", &|m| m.p(0.5))),
+                    median(each(&name, NOOP, &|m| m.p(0.5))),
                     median(each(&name, p, &|m| m.p(0.99))),
-                    median(each(&name, "noop", &|m| m.p(0.99))),
+                    median(each(&name, NOOP, &|m| m.p(0.99))),
                     diff.show(0, " µs", true)
                 );
             }
@@ -1573,7 +1658,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             println!(
                 "| {p}: throughput, cold | {:.0}/s | {:.0}/s (hot) | {} | (info) | |",
                 median(each(&cold, p, &Measurement::throughput)),
-                median(each(&cold, "noop", &Measurement::throughput)),
+                median(each(&cold, NOOP, &Measurement::throughput)),
                 paired(&cold, p, &throughput).map_or_else(String::new, |r| r.show(2, "x", false))
             );
         }
@@ -1601,12 +1686,39 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                     "| {p}: p99 open loop {}/s, cold (p50 {:.0} vs {:.0}) | {:.0} µs | {:.0} µs | {} | (info) | |",
                     args.cold_rate,
                     median(each(&cold_open, p, &|m| m.p(0.5))),
-                    median(each(&cold_open, "noop", &|m| m.p(0.5))),
+                    median(each(&cold_open, NOOP, &|m| m.p(0.5))),
                     median(each(&cold_open, p, &|m| m.p(0.99))),
-                    median(each(&cold_open, "noop", &|m| m.p(0.99))),
+                    median(each(&cold_open, NOOP, &|m| m.p(0.99))),
                     diff.show(0, " µs", true)
                 );
             }
+        }
+        // Against the decoding no-op (`--decode-baseline`): what a cold Check adds over the no-op,
+        // against what a raw decode adds over it inside a server, in the same round.
+        for (scenario, label) in [(&cold, "closed loop"), (&cold_open, "open loop")] {
+            let in_server = |m: &Measurement, b: &Measurement, d: &Measurement| {
+                cpu_added(m, b) / cpu_added(d, b)
+            };
+            if decoding_ran && let Some(ratio) = paired3(scenario, p, &in_server) {
+                println!(
+                    "| {p}: server CPU a cold Check adds over the no-op, against what {NOOP_DECODE}'s raw decode adds, cold {label} | {:.1} µs | {:.1} µs | {} | (info) | |",
+                    median(paired(scenario, p, &cpu_added)),
+                    median(paired(scenario, NOOP_DECODE, &cpu_added)),
+                    ratio.show(2, "x", false)
+                );
+            }
+        }
+        if decoding_ran
+            && let Some(ratio) = paired3(&closed, p, &|m, _, d| {
+                m.server_us_per_call() / d.server_us_per_call()
+            })
+        {
+            println!(
+                "| {p}: server CPU per Check, hot, against {NOOP_DECODE} (a decode on every call, no cache) | {:.1} µs | {:.1} µs | {} | (info) | |",
+                median(each(&closed, p, &Measurement::server_us_per_call)),
+                median(each(&closed, NOOP_DECODE, &Measurement::server_us_per_call)),
+                ratio.show(2, "x", false)
+            );
         }
         // Every cold row, in the order run: the last one has the most tokens cached.
         let cold_rows = |target: &str| {
@@ -1620,9 +1732,36 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 "| {p}: server RSS after the cold runs ({} tokens cached) | {:.1} MiB | {:.1} MiB | | (info) | |",
                 cached.min(args.token_cache_entries as u64),
                 last.m.rss_kib as f64 / 1024.0,
-                cold_rows("noop")
+                cold_rows(NOOP)
                     .last()
                     .map_or(0.0, |r| r.m.rss_kib as f64 / 1024.0)
+            );
+        }
+    }
+    // The decoding no-op itself: a raw decode inside a server, against the same decode in a tight
+    // loop (and after pauses) on one thread of the load generator.
+    let raw_us = |m: &Measurement| m.raw_decode.unwrap_or(raw_decode) * 1e6;
+    for (scenario, label) in [(&cold, "closed loop"), (&cold_open, "open loop")] {
+        let added =
+            |m: &Measurement, b: &Measurement| m.server_us_per_call() - b.server_us_per_call();
+        if let Some(ratio) = paired(scenario, NOOP_DECODE, &|m, b| added(m, b) / raw_us(m)) {
+            println!(
+                "| {NOOP_DECODE}: server CPU its raw decode adds over the no-op, cold {label} | {:.1} µs | raw decode {:.1} µs (tight loop, same round) | {} | (info) | |",
+                median(paired(scenario, NOOP_DECODE, &added)),
+                median(each(scenario, NOOP_DECODE, &raw_us)),
+                ratio.show(2, "x", false)
+            );
+        }
+        if let Some(ratio) = paired(scenario, NOOP_DECODE, &|m, b| {
+            added(m, b) / (m.raw_spaced.unwrap_or(f64::NAN) * 1e6)
+        }) {
+            println!(
+                "| {NOOP_DECODE}: the same, against the raw decode after a pause of the interval between calls | | raw decode {:.1} µs | {} | (info) | |",
+                median(each(scenario, NOOP_DECODE, &|m| m
+                    .raw_spaced
+                    .unwrap_or(f64::NAN)
+                    * 1e6)),
+                ratio.show(2, "x", false)
             );
         }
     }
@@ -1631,7 +1770,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
     if let Some(first) = products.first()
         && let (Some(product), Some(noop)) = (
             each(&closed, first, &Measurement::client_us_per_call),
-            each(&closed, "noop", &Measurement::client_us_per_call),
+            each(&closed, NOOP, &Measurement::client_us_per_call),
         )
     {
         println!(
@@ -2183,7 +2322,7 @@ async fn kidflood_scenarios(
     let rounds = args.rounds.max(1);
     // Each product and round gets kids of its own, so no burst repeats one the product has seen.
     let mut results: Vec<(String, usize, [FloodRun; 3])> = Vec::new();
-    for t in targets.iter().filter(|t| t.name != "noop") {
+    for t in targets.iter().filter(|t| !is_baseline(&t.name)) {
         println!(
             "\n== kidflood against {}: valid traffic, 1 conn x 1 in flight, alone and during bursts of {n} \
              calls ({} conn x {} in flight)",
