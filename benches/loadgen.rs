@@ -180,13 +180,13 @@ fn main() {
     let args = Args::parse();
     if args.noop_server {
         let decoder = args.noop_decode_key.as_deref().map(|key| {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
             let (n, e) = key.split_once('.').unwrap();
-            let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-            validation.set_audience(&[AUDIENCE_GUID]);
-            validation.set_issuer(&[args.noop_decode_iss.as_deref().unwrap()]);
-            (
-                jsonwebtoken::DecodingKey::from_rsa_components(n, e).unwrap(),
-                validation,
+            raw_decoder_of(
+                &b64.decode(n).unwrap(),
+                &b64.decode(e).unwrap(),
+                args.noop_decode_iss.as_deref().unwrap(),
             )
         });
         noop_server(args.max_lifetime, decoder);
@@ -1049,10 +1049,19 @@ async fn open_loop(
 /// The key and validation of the raw `jsonwebtoken` decode: signature, `exp`, `aud`, `iss`.
 fn raw_decoder(dev: &DevIssuer) -> (jsonwebtoken::DecodingKey, jsonwebtoken::Validation) {
     let (n, e) = dev.public_key_components(&dev.current_kid()).unwrap();
-    let key = jsonwebtoken::DecodingKey::from_rsa_raw_components(&n, &e);
+    raw_decoder_of(&n, &e, &dev.v2_issuer(TENANT))
+}
+
+/// `raw_decoder` from the key's modulus and exponent and the issuer (as the decoding no-op gets them).
+fn raw_decoder_of(
+    n: &[u8],
+    e: &[u8],
+    issuer: &str,
+) -> (jsonwebtoken::DecodingKey, jsonwebtoken::Validation) {
+    let key = jsonwebtoken::DecodingKey::from_rsa_raw_components(n, e);
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.set_audience(&[AUDIENCE_GUID]);
-    validation.set_issuer(&[dev.v2_issuer(TENANT)]);
+    validation.set_issuer(&[issuer]);
     (key, validation)
 }
 
@@ -1528,27 +1537,33 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             .filter(|r| r.scenario.starts_with(scenario) && r.target == target)
             .collect()
     };
-    // `f(target's, baseline's, decoding baseline's)` per round that has all three (the third is the
-    // no-op's own measurement without `--decode-baseline`, for figures that do not use it).
+    let in_round = |scenario: &str, target: &str, round: usize| {
+        of(scenario, target)
+            .into_iter()
+            .find(|r| r.round == round)
+            .map(|r| &r.m)
+    };
+    // `f(target's, no-op's)` for each round that has both.
+    let paired = |scenario: &str, target: &str, f: &dyn Fn(&Measurement, &Measurement) -> f64| {
+        let values = of(scenario, target)
+            .into_iter()
+            .filter_map(|r| Some(f(&r.m, in_round(scenario, NOOP, r.round)?)))
+            .collect();
+        Figure::of(values)
+    };
+    // `f(target's, no-op's, decoding no-op's)` for each round that has all three (`--decode-baseline`).
     let paired3 = |scenario: &str,
                    target: &str,
                    f: &dyn Fn(&Measurement, &Measurement, &Measurement) -> f64| {
-        let base = of(scenario, NOOP);
-        let decoding = of(scenario, NOOP_DECODE);
         let values = of(scenario, target)
             .into_iter()
             .filter_map(|r| {
-                let b = base.iter().find(|b| b.round == r.round)?;
-                let d = decoding.iter().find(|d| d.round == r.round).unwrap_or(b);
-                Some(f(&r.m, &b.m, &d.m))
+                let b = in_round(scenario, NOOP, r.round)?;
+                Some(f(&r.m, b, in_round(scenario, NOOP_DECODE, r.round)?))
             })
             .collect();
         Figure::of(values)
     };
-    let paired = |scenario: &str, target: &str, f: &dyn Fn(&Measurement, &Measurement) -> f64| {
-        paired3(scenario, target, &|m, b, _| f(m, b))
-    };
-    let decoding_ran = rows.iter().any(|r| r.target == NOOP_DECODE);
     let each = |scenario: &str, target: &str, f: &dyn Fn(&Measurement) -> f64| {
         Figure::of(of(scenario, target).into_iter().map(|r| f(&r.m)).collect())
     };
@@ -1574,6 +1589,14 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
     let cold_open = cold_open_name(args);
     let closed1 = "closed loop, 1 conn x 1 in flight";
     let median = |f: Option<Figure>| f.map_or(f64::NAN, |f| f.median);
+    let cpu_added =
+        |m: &Measurement, b: &Measurement| m.server_us_per_call() - b.server_us_per_call();
+    // Each round's own raw decode, measured around it; the run's mean if there is none.
+    let raw_us = |m: &Measurement| m.raw_decode.unwrap_or(raw_decode) * 1e6;
+    let spaced_us = |m: &Measurement| m.raw_spaced.unwrap_or(f64::NAN) * 1e6;
+    // What a Check adds over the no-op, in raw decodes: timed in a tight loop, and after pauses.
+    let added = |m: &Measurement, b: &Measurement| cpu_added(m, b) / raw_us(m);
+    let spaced = |m: &Measurement, b: &Measurement| cpu_added(m, b) / spaced_us(m);
     for p in &products {
         let throughput = |m: &Measurement, b: &Measurement| m.throughput() / b.throughput();
         let cpu =
@@ -1641,12 +1664,6 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 );
             }
         }
-        let cpu_added =
-            |m: &Measurement, b: &Measurement| m.server_us_per_call() - b.server_us_per_call();
-        // Each round's own raw decode, measured around it; the run's mean if there is none.
-        let raw_us = |m: &Measurement| m.raw_decode.unwrap_or(raw_decode) * 1e6;
-        let spaced_us = |m: &Measurement| m.raw_spaced.unwrap_or(f64::NAN) * 1e6;
-        let added = |m: &Measurement, b: &Measurement| cpu_added(m, b) / raw_us(m);
         if let Some(ratio) = paired(&cold, p, &added) {
             println!(
                 "| {p}: server CPU a cold Check adds over the no-op (same round) | {:.1} µs | raw decode {:.1} µs (same round) | {} | <= 1.2x | {} |",
@@ -1671,7 +1688,6 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 ratio.show(2, "x", false),
                 yes(ratio.median <= 1.2)
             );
-            let spaced = |m: &Measurement, b: &Measurement| cpu_added(m, b) / spaced_us(m);
             if let Some(ratio) = paired(&cold_open, p, &spaced) {
                 println!(
                     "| {p}: the same, against the raw decode after a pause of the interval between calls | {:.1} µs | raw decode {:.1} µs (after {:.0} µs pauses) | {} | (info) | |",
@@ -1699,7 +1715,7 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             let in_server = |m: &Measurement, b: &Measurement, d: &Measurement| {
                 cpu_added(m, b) / cpu_added(d, b)
             };
-            if decoding_ran && let Some(ratio) = paired3(scenario, p, &in_server) {
+            if let Some(ratio) = paired3(scenario, p, &in_server) {
                 println!(
                     "| {p}: server CPU a cold Check adds over the no-op, against what {NOOP_DECODE}'s raw decode adds, cold {label} | {:.1} µs | {:.1} µs | {} | (info) | |",
                     median(paired(scenario, p, &cpu_added)),
@@ -1708,11 +1724,9 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
                 );
             }
         }
-        if decoding_ran
-            && let Some(ratio) = paired3(&closed, p, &|m, _, d| {
-                m.server_us_per_call() / d.server_us_per_call()
-            })
-        {
+        if let Some(ratio) = paired3(&closed, p, &|m, _, d| {
+            m.server_us_per_call() / d.server_us_per_call()
+        }) {
             println!(
                 "| {p}: server CPU per Check, hot, against {NOOP_DECODE} (a decode on every call, no cache) | {:.1} µs | {:.1} µs | {} | (info) | |",
                 median(each(&closed, p, &Measurement::server_us_per_call)),
@@ -1740,27 +1754,19 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
     }
     // The decoding no-op itself: a raw decode inside a server, against the same decode in a tight
     // loop (and after pauses) on one thread of the load generator.
-    let raw_us = |m: &Measurement| m.raw_decode.unwrap_or(raw_decode) * 1e6;
     for (scenario, label) in [(&cold, "closed loop"), (&cold_open, "open loop")] {
-        let added =
-            |m: &Measurement, b: &Measurement| m.server_us_per_call() - b.server_us_per_call();
-        if let Some(ratio) = paired(scenario, NOOP_DECODE, &|m, b| added(m, b) / raw_us(m)) {
+        if let Some(ratio) = paired(scenario, NOOP_DECODE, &added) {
             println!(
                 "| {NOOP_DECODE}: server CPU its raw decode adds over the no-op, cold {label} | {:.1} µs | raw decode {:.1} µs (tight loop, same round) | {} | (info) | |",
-                median(paired(scenario, NOOP_DECODE, &added)),
+                median(paired(scenario, NOOP_DECODE, &cpu_added)),
                 median(each(scenario, NOOP_DECODE, &raw_us)),
                 ratio.show(2, "x", false)
             );
         }
-        if let Some(ratio) = paired(scenario, NOOP_DECODE, &|m, b| {
-            added(m, b) / (m.raw_spaced.unwrap_or(f64::NAN) * 1e6)
-        }) {
+        if let Some(ratio) = paired(scenario, NOOP_DECODE, &spaced) {
             println!(
                 "| {NOOP_DECODE}: the same, against the raw decode after a pause of the interval between calls | | raw decode {:.1} µs | {} | (info) | |",
-                median(each(scenario, NOOP_DECODE, &|m| m
-                    .raw_spaced
-                    .unwrap_or(f64::NAN)
-                    * 1e6)),
+                median(each(scenario, NOOP_DECODE, &spaced_us)),
                 ratio.show(2, "x", false)
             );
         }
