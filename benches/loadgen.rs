@@ -386,6 +386,27 @@ fn thread_cpu() -> f64 {
         .map_or(0.0, |ns| ns / 1e9)
 }
 
+/// The box's CPU time in ticks, summed over its CPUs: (steal, all), from the `cpu` line of `/proc/stat`
+/// (user, nice, system, idle, iowait, irq, softirq, steal; guest time is already in user).
+fn box_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))?
+        .split_whitespace()
+        .take(8)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*fields.get(7)?, fields.iter().sum()))
+}
+
+/// Steal between two `box_ticks` readings, as a share of all the CPU time between them.
+fn steal_between(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    let total = t1.checked_sub(t0).filter(|t| *t > 0)?;
+    Some(s1.saturating_sub(s0) as f64 / total as f64)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -732,6 +753,10 @@ struct Measurement {
     /// The product's token-cache hits and misses during the measurement (from its metrics): how many
     /// calls skipped the verification, and how many made one.
     cache: Option<CacheCounts>,
+    /// The share of the box's CPU time the hypervisor gave to other guests during the measurement
+    /// (steal, from `/proc/stat`). A round with a large steal measures the neighbours as much as the
+    /// servers: its latencies and CPU per call are not this box's alone.
+    steal: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -915,6 +940,7 @@ async fn measure(
     };
     let server_before = process_cpu(&pid, ticks);
     let client_before = ticked_cpu("self", ticks);
+    let box_before = box_ticks();
     let started = Instant::now();
     let stats = match load {
         Load::Closed { in_flight, .. } => closed_loop(&clients, *in_flight, source, duration).await,
@@ -923,6 +949,7 @@ async fn measure(
     let elapsed = started.elapsed();
     let server_cpu = process_cpu(&pid, ticks) - server_before;
     let client_cpu = ticked_cpu("self", ticks) - client_before;
+    let steal = steal_between(box_before, box_ticks());
     let cache = match (cache_before, cache_counts(target).await) {
         (Some(a), Some(b)) => Some(CacheCounts {
             hits: b.hits.saturating_sub(a.hits),
@@ -943,6 +970,7 @@ async fn measure(
         raw_decode: None,
         raw_spaced: None,
         cache,
+        steal,
     }
 }
 
@@ -1170,9 +1198,12 @@ fn print_row(r: &Row) {
     let cache = m.cache.map_or(String::new(), |c| {
         format!("  token cache hits/misses {}/{}", c.hits, c.misses)
     });
+    let steal = m
+        .steal
+        .map_or(String::new(), |s| format!("  steal {:.0} %", s * 100.0));
     println!(
         "  {:<28} r{} {:>9.0} calls/s  p50 {:>7.1}  p90 {:>7.1}  p99 {:>7.1}  p99.9 {:>8.1} µs  \
-         server {:>5.1} µs CPU/call  loadgen {:>5.1} µs CPU/call  RSS {:>6.1} MiB  grpc {:?}  decisions {:?}{cache}{lag}",
+         server {:>5.1} µs CPU/call  loadgen {:>5.1} µs CPU/call  RSS {:>6.1} MiB  grpc {:?}  decisions {:?}{cache}{lag}{steal}",
         r.target,
         r.round + 1,
         m.throughput(),
@@ -1784,6 +1815,50 @@ fn summary(args: &Args, rows: &[Row], raw_decode: f64) {
             product.median, noop.median
         );
     }
+    steal_summary(rows);
+}
+
+/// The hypervisor's steal in each scenario (the median and the worst of its measurements), with a
+/// warning where a measurement lost more than 5 % of the box: its rounds measured the neighbours too.
+fn steal_summary(rows: &[Row]) {
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in rows {
+        if !scenarios.contains(&r.scenario.as_str()) {
+            scenarios.push(&r.scenario);
+        }
+    }
+    let mut lines = Vec::new();
+    for scenario in scenarios {
+        let steals = rows
+            .iter()
+            .filter(|r| r.scenario == scenario)
+            .filter_map(|r| r.m.steal)
+            .collect();
+        let Some(Figure {
+            median, max: worst, ..
+        }) = Figure::of(steals)
+        else {
+            continue;
+        };
+        let warning = if worst > 0.05 {
+            "  <- the host took over 5 % of the box: these rounds are not this box's alone"
+        } else {
+            ""
+        };
+        lines.push(format!(
+            "  {scenario}: median {:.1} %, worst {:.1} %{warning}",
+            median * 100.0,
+            worst * 100.0
+        ));
+    }
+    if !lines.is_empty() {
+        println!(
+            "\nCPU steal (the hypervisor's other guests, /proc/stat) during the measurements:"
+        );
+        for line in lines {
+            println!("{line}");
+        }
+    }
 }
 
 fn yes(met: bool) -> &'static str {
@@ -2122,12 +2197,14 @@ async fn envoy_scenarios(
             let ticks = clock_ticks_per_sec();
             let pid = t.pid.to_string();
             let before = process_cpu(&pid, ticks);
+            let box_before = box_ticks();
             let started = Instant::now();
             let pair = match rate {
                 None => http_closed1_pair(urls, &authorization, duration).await,
                 Some(r) => http_open_pair(urls, &authorization, *r, duration).await,
             };
             let (elapsed, server_cpu) = (started.elapsed(), process_cpu(&pid, ticks) - before);
+            let steal = steal_between(box_before, box_ticks());
             for (route, stats) in ["direct", "authz"].into_iter().zip(pair) {
                 let row = Row {
                     scenario: format!("envoy {load} {route}"),
@@ -2143,6 +2220,7 @@ async fn envoy_scenarios(
                         raw_decode: None,
                         raw_spaced: None,
                         cache: None,
+                        steal,
                         stats,
                     },
                 };
@@ -2274,6 +2352,7 @@ async fn flood_run(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let fetches = dev.jwks_fetches();
     let server_before = process_cpu(&pid, ticks);
+    let box_before = box_ticks();
     let started = Instant::now();
     let valid = tokio::spawn(valid_until(
         valid_client,
@@ -2310,6 +2389,7 @@ async fn flood_run(
             raw_decode: None,
             raw_spaced: None,
             cache: None,
+            steal: steal_between(box_before, box_ticks()),
         },
         burst: burst_stats,
         jwks_fetches: dev.jwks_fetches() - fetches,
