@@ -145,7 +145,7 @@ struct Args {
     #[arg(long)]
     wrap: Option<String>,
     /// A shell command run (and waited for) right before each measurement; `{pid}` is the server's pid.
-    /// E.g. `callgrind_control -z {pid}`.
+    /// In `envoy`, one measurement is one load with both of its routes. E.g. `callgrind_control -z {pid}`.
     #[arg(long)]
     before_measure: Option<String>,
     /// A shell command run (and waited for) right after each measurement; `{pid}` is the server's pid.
@@ -2217,6 +2217,7 @@ async fn envoy_scenarios(
             let urls = [urls[0].as_str(), urls[1].as_str()];
             let ticks = clock_ticks_per_sec();
             let pid = t.pid.to_string();
+            tokio::task::block_in_place(|| hook(args.before_measure.as_deref(), t.pid));
             let before = process_cpu(&pid, ticks);
             let box_before = box_ticks();
             let started = Instant::now();
@@ -2226,6 +2227,7 @@ async fn envoy_scenarios(
             };
             let (elapsed, server_cpu) = (started.elapsed(), process_cpu(&pid, ticks) - before);
             let steal = steal_between(box_before, box_ticks());
+            tokio::task::block_in_place(|| hook(args.after_measure.as_deref(), t.pid));
             for (route, stats) in ["direct", "authz"].into_iter().zip(pair) {
                 let row = Row {
                     scenario: format!("envoy {load} {route}"),
