@@ -32,13 +32,12 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// Logs (and the audit line of every decision) go to stderr through a writer thread that writes them in
-/// blocks: a request thread only formats its line and queues it. Written straight to stderr, every
-/// decision cost one `write(2)` on the request path (about 7 µs of server CPU per hot Check,
-/// benches/README.md). The thread drains whatever is queued, writes it, and flushes as soon as the
-/// queue is empty, so lines appear at once when the service is quiet. The queue holds 128k lines; when
-/// it is full, request threads wait rather than drop audit records. The returned guard flushes the rest
-/// when dropped: keep it until the process ends.
+/// Logs (and the audit line of every decision) go to stderr through `log_writer`: a request thread
+/// formats its line and copies it into a shared buffer, and a thread of its own writes the buffer in
+/// blocks, at most 20 ms after a line came. Written straight to stderr, every decision cost one
+/// `write(2)` on the request path (about 7 µs of server CPU per hot Check, benches/README.md). Past
+/// 8 MiB waiting, request threads wait rather than drop audit records. The returned guard writes the
+/// rest when dropped: keep it until the process ends.
 ///
 /// With `export`, spans also go to an OpenTelemetry collector (`telemetry`); that must be set up inside
 /// the Tokio runtime the service runs on. Without it, spans are disabled at their callsites and the log

@@ -5,9 +5,12 @@
 //! decision, its writer thread drains the channel, flushes and parks between two lines, so every line
 //! costs a wake-up of that thread and a `write(2)` — at saturation a few microseconds per decision, the
 //! largest item of a token-cache hit. Here a line costs a short critical section and a copy; the writer
-//! thread wakes on a timer (every [`FLUSH_EVERY`]) or when [`FLUSH_AT`] bytes are waiting, and writes
-//! all of them at once. Nothing is dropped: past [`MAX_PENDING`] bytes a logging thread waits for the
-//! writer (stderr that cannot keep up slows the service rather than losing its audit trail).
+//! thread wakes [`FLUSH_EVERY`] after the first line of a block (or sooner, when [`FLUSH_AT`] bytes are
+//! waiting), and writes all of them at once. With nothing to write it sleeps until a line comes: the
+//! logging thread that finds the buffer empty and the writer asleep wakes it, so an idle sidecar is not
+//! woken at all, and under load, where the buffer is never empty for long, no line pays for a wake-up.
+//! Nothing is dropped: past [`MAX_PENDING`] bytes a logging thread waits for the writer (stderr that
+//! cannot keep up slows the service rather than losing its audit trail).
 //!
 //! A line reaches stderr at most [`FLUSH_EVERY`] after it was logged; on exit [`LogGuard`] writes what
 //! is left. What a SIGKILL interrupts in the last [`FLUSH_EVERY`] is lost, as with any user-space buffer.
@@ -28,6 +31,10 @@ pub const MAX_PENDING: usize = 8 * 1024 * 1024;
 struct State {
     pending: Vec<u8>,
     closed: bool,
+    /// The writer is asleep until a line comes (nothing was pending): the next line wakes it.
+    writer_idle: bool,
+    /// Logging threads waiting for room, past [`MAX_PENDING`]: only then is `room` signalled.
+    room_waiters: usize,
 }
 
 struct Shared {
@@ -98,13 +105,18 @@ where
     }
 }
 
-/// The writer thread: takes what is pending every [`FLUSH_EVERY`] (or sooner when woken) and writes it
-/// outside the lock, until closed and empty.
+/// The writer thread: sleeps until a line is pending, gives it [`FLUSH_EVERY`] of company (less when
+/// woken at [`FLUSH_AT`] or by close), and writes the block outside the lock; until closed and empty.
 fn write_blocks(shared: &Shared, mut sink: impl Write) {
     let mut block = Vec::with_capacity(FLUSH_AT);
     loop {
         let closed = {
             let mut state = shared.lock();
+            while state.pending.is_empty() && !state.closed {
+                state.writer_idle = true;
+                state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            state.writer_idle = false;
             if state.pending.len() < FLUSH_AT && !state.closed {
                 state = shared
                     .wake
@@ -118,7 +130,9 @@ fn write_blocks(shared: &Shared, mut sink: impl Write) {
             // Nowhere to report a failing stderr; the lines are dropped rather than retried forever.
             let _ = sink.write_all(&block).and_then(|()| sink.flush());
             block.clear();
-            shared.room.notify_all();
+            if shared.lock().room_waiters > 0 {
+                shared.room.notify_all();
+            }
         }
         if closed && shared.lock().pending.is_empty() {
             return;
@@ -151,7 +165,9 @@ impl Write for LineWriter<'_> {
         let mut state = shared.lock();
         while state.pending.len() >= MAX_PENDING && !state.closed {
             shared.wake.notify_one();
+            state.room_waiters += 1;
             state = shared.room.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.room_waiters -= 1;
         }
         if state.closed {
             drop(state);
@@ -159,9 +175,12 @@ impl Write for LineWriter<'_> {
         }
         let before = state.pending.len();
         state.pending.extend_from_slice(bytes);
-        let crossed = before < FLUSH_AT && state.pending.len() >= FLUSH_AT;
+        // One wake-up starts a block: of the sleeping writer by the line that ends its sleep, or of a
+        // waiting one by the line that fills the block early.
+        let wake = std::mem::take(&mut state.writer_idle)
+            || (before < FLUSH_AT && state.pending.len() >= FLUSH_AT);
         drop(state);
-        if crossed {
+        if wake {
             shared.wake.notify_one();
         }
         Ok(bytes.len())
@@ -243,16 +262,105 @@ mod tests {
         assert!(writes < 20_000 / 10, "{writes} writes for 20,000 lines");
     }
 
+    /// Waits for `done` up to a generous bound.
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn a_line_is_written_without_more_lines_or_an_exit() {
         let sink = Sink::default();
         let (writer, _guard) = sink.spawn();
         writer.make_writer().write_all(b"alone\n").unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while sink.0.lock().unwrap().0.is_empty() {
-            assert!(std::time::Instant::now() < deadline, "never written");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("the line is written", || {
+            !sink.0.lock().unwrap().0.is_empty()
+        });
         assert_eq!(sink.0.lock().unwrap().0, b"alone\n");
+    }
+
+    #[test]
+    fn an_idle_writer_sleeps_without_a_timer_and_the_next_line_wakes_it() {
+        let sink = Sink::default();
+        let (writer, _guard) = sink.spawn();
+        let shared = writer.shared.clone().unwrap();
+        let mut expected = Vec::new();
+        for line in [b"first\n".as_slice(), b"second\n", b"third\n"] {
+            writer.make_writer().write_all(line).unwrap();
+            expected.extend_from_slice(line);
+            wait_until("the line is written", || {
+                sink.0.lock().unwrap().0 == expected
+            });
+            // Nothing is pending: the writer waits for the next line, not for a timer.
+            wait_until("the writer sleeps until a line comes", || {
+                shared.lock().writer_idle
+            });
+        }
+        assert_eq!(sink.0.lock().unwrap().1, 3, "one block per line");
+    }
+
+    /// A sink whose writes wait until it is opened.
+    #[derive(Clone, Default)]
+    struct Gated {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        written: Arc<Mutex<usize>>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let mut is_open = open.lock().unwrap();
+            while !*is_open {
+                is_open = opened.wait(is_open).unwrap();
+            }
+            *self.written.lock().unwrap() += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_logging_thread_past_the_limit_waits_for_the_writer_and_loses_nothing() {
+        let sink = Gated::default();
+        let writer_sink = sink.clone();
+        let (writer, guard) = spawn(move || writer_sink);
+        let shared = writer.shared.clone().unwrap();
+        let line = [b'x'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
+        let lines = (MAX_PENDING + 2 * FLUSH_AT) / line.len();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let logger = {
+            let (writer, line, done) = (writer.clone(), line.clone(), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..lines {
+                    writer.make_writer().write_all(&line).unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        wait_until("the logging thread waits for room", || {
+            shared.lock().room_waiters > 0
+        });
+        assert!(!done.load(std::sync::atomic::Ordering::SeqCst));
+        let (open, opened) = &*sink.open;
+        *open.lock().unwrap() = true;
+        opened.notify_all();
+        wait_until("the logging thread gets room", || {
+            done.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        logger.join().unwrap();
+        drop(guard);
+        assert_eq!(*sink.written.lock().unwrap(), lines * line.len());
     }
 }
