@@ -413,6 +413,40 @@ fn steal_between(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Optio
     Some(s1.saturating_sub(s0) as f64 / total as f64)
 }
 
+/// One measurement window of a server process: its CPU time (all of its threads) and the box's CPU
+/// steal between `start` and `finish`. The load it measures runs in between, and nothing else does.
+struct Window {
+    pid: String,
+    ticks: f64,
+    server_before: f64,
+    box_before: Option<(u64, u64)>,
+    started: Instant,
+}
+
+impl Window {
+    fn start(pid: u32) -> Self {
+        let (pid, ticks) = (pid.to_string(), clock_ticks_per_sec());
+        Window {
+            server_before: process_cpu(&pid, ticks),
+            box_before: box_ticks(),
+            started: Instant::now(),
+            pid,
+            ticks,
+        }
+    }
+
+    /// Wall time, the server's CPU seconds and the steal over the window.
+    fn finish(self) -> (Duration, f64, Option<f64>) {
+        let elapsed = self.started.elapsed();
+        let server_cpu = process_cpu(&self.pid, self.ticks) - self.server_before;
+        (
+            elapsed,
+            server_cpu,
+            steal_between(self.box_before, box_ticks()),
+        )
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -915,7 +949,6 @@ async fn measure(
     duration: Duration,
 ) -> Measurement {
     let ticks = clock_ticks_per_sec();
-    let pid = target.pid.to_string();
     let connections = match load {
         Load::Closed { connections, .. } | Load::Open { connections, .. } => *connections,
     };
@@ -944,18 +977,14 @@ async fn measure(
             series
         })
     };
-    let server_before = process_cpu(&pid, ticks);
     let client_before = ticked_cpu("self", ticks);
-    let box_before = box_ticks();
-    let started = Instant::now();
+    let window = Window::start(target.pid);
     let stats = match load {
         Load::Closed { in_flight, .. } => closed_loop(&clients, *in_flight, source, duration).await,
         Load::Open { rate, .. } => open_loop(&clients, *rate, source, duration).await,
     };
-    let elapsed = started.elapsed();
-    let server_cpu = process_cpu(&pid, ticks) - server_before;
+    let (elapsed, server_cpu, steal) = window.finish();
     let client_cpu = ticked_cpu("self", ticks) - client_before;
-    let steal = steal_between(box_before, box_ticks());
     let cache = match (cache_before, cache_counts(target).await) {
         (Some(a), Some(b)) => Some(CacheCounts {
             hits: b.hits.saturating_sub(a.hits),
@@ -2104,16 +2133,15 @@ fn http_client() -> reqwest::Client {
 }
 
 /// Closed loop, one request in flight, alternating between the two routes (`urls[0]`, `urls[1]`), each
-/// on its own connection: both routes see the same machine at the same time, so the difference between
-/// them is the ext_authz hop and not a change in the neighbours' load.
-async fn http_closed1_pair(urls: [&str; 2], authorization: &str, duration: Duration) -> [Stats; 2] {
-    let clients = [http_client(), http_client()];
-    // Warm-up: the connections to Envoy, and Envoy's to the upstream and the ext_authz server.
-    for _ in 0..20 {
-        for (client, url) in clients.iter().zip(urls) {
-            let _ = http_get(client, url, authorization).await;
-        }
-    }
+/// on its own connection (`clients[0]`, `clients[1]`, warmed up): both routes see the same machine at
+/// the same time, so the difference between them is the ext_authz hop and not a change in the
+/// neighbours' load.
+async fn http_closed1_pair(
+    clients: &[reqwest::Client],
+    urls: [&str; 2],
+    authorization: &str,
+    duration: Duration,
+) -> [Stats; 2] {
     let deadline = Instant::now() + duration;
     let mut stats = [Stats::new(), Stats::new()];
     let mut i = 0;
@@ -2129,17 +2157,13 @@ async fn http_closed1_pair(urls: [&str; 2], authorization: &str, duration: Durat
 /// Open loop through Envoy at `rate` requests/s per route, the two routes interleaved (request `i` goes
 /// to `urls[i % 2]`); latency from each request's intended send time, as in `open_loop`.
 async fn http_open_pair(
+    client: &reqwest::Client,
     urls: [&str; 2],
     authorization: &str,
     rate: u64,
     duration: Duration,
 ) -> [Stats; 2] {
-    let client = http_client();
-    for _ in 0..20 {
-        for url in urls {
-            let _ = http_get(&client, url, authorization).await;
-        }
-    }
+    let client = client.clone();
     let total = (2.0 * rate as f64 * duration.as_secs_f64()).round() as u64;
     let stats = Arc::new(Mutex::new([Stats::new(), Stats::new()]));
     let done = Arc::new(AtomicU64::new(0));
@@ -2215,18 +2239,25 @@ async fn envoy_scenarios(
             let urls = [ENVOY_DIRECT_PATH, ENVOY_AUTHZ_PATH]
                 .map(|p| format!("http://{}{p}", envoy.listener));
             let urls = [urls[0].as_str(), urls[1].as_str()];
-            let ticks = clock_ticks_per_sec();
-            let pid = t.pid.to_string();
-            tokio::task::block_in_place(|| hook(args.before_measure.as_deref(), t.pid));
-            let before = process_cpu(&pid, ticks);
-            let box_before = box_ticks();
-            let started = Instant::now();
-            let pair = match rate {
-                None => http_closed1_pair(urls, &authorization, duration).await,
-                Some(r) => http_open_pair(urls, &authorization, *r, duration).await,
+            // The closed loop puts each route on its own connection; the open loop shares one pool.
+            let clients = match rate {
+                None => vec![http_client(), http_client()],
+                Some(_) => vec![http_client()],
             };
-            let (elapsed, server_cpu) = (started.elapsed(), process_cpu(&pid, ticks) - before);
-            let steal = steal_between(box_before, box_ticks());
+            // Warm-up, outside the window: the connections to Envoy, and Envoy's to the upstream and
+            // the ext_authz server.
+            for _ in 0..20 {
+                for (i, url) in urls.iter().enumerate() {
+                    let _ = http_get(&clients[i % clients.len()], url, &authorization).await;
+                }
+            }
+            tokio::task::block_in_place(|| hook(args.before_measure.as_deref(), t.pid));
+            let window = Window::start(t.pid);
+            let pair = match rate {
+                None => http_closed1_pair(&clients, urls, &authorization, duration).await,
+                Some(r) => http_open_pair(&clients[0], urls, &authorization, *r, duration).await,
+            };
+            let (elapsed, server_cpu, steal) = window.finish();
             tokio::task::block_in_place(|| hook(args.after_measure.as_deref(), t.pid));
             for (route, stats) in ["direct", "authz"].into_iter().zip(pair) {
                 let row = Row {
@@ -2365,8 +2396,6 @@ async fn flood_run(
     burst: Option<&[String]>,
     duration: Duration,
 ) -> FloodRun {
-    let ticks = clock_ticks_per_sec();
-    let pid = target.pid.to_string();
     let valid_client = connect(target.addr, 1).await.remove(0);
     let burst_clients = connect(target.addr, args.connections).await;
     for c in burst_clients.iter().chain([&valid_client]) {
@@ -2374,9 +2403,7 @@ async fn flood_run(
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let fetches = dev.jwks_fetches();
-    let server_before = process_cpu(&pid, ticks);
-    let box_before = box_ticks();
-    let started = Instant::now();
+    let window = Window::start(target.pid);
     let valid = tokio::spawn(valid_until(
         valid_client,
         Source::new(hot, true),
@@ -2400,19 +2427,19 @@ async fn flood_run(
     };
     stop.store(true, Ordering::Release);
     let stats = valid.await.unwrap();
-    let elapsed = started.elapsed();
+    let (elapsed, server_cpu, steal) = window.finish();
     FloodRun {
         valid: Measurement {
             stats,
             elapsed,
-            server_cpu: process_cpu(&pid, ticks) - server_before,
+            server_cpu,
             client_cpu: 0.0,
             rss_kib: rss_kib(target.pid),
             rss_series: Vec::new(),
             raw_decode: None,
             raw_spaced: None,
             cache: None,
-            steal: steal_between(box_before, box_ticks()),
+            steal,
         },
         burst: burst_stats,
         jwks_fetches: dev.jwks_fetches() - fetches,
