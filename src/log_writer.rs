@@ -305,11 +305,28 @@ mod tests {
         assert_eq!(sink.0.lock().unwrap().1, 3, "one block per line");
     }
 
-    /// A sink whose writes wait until it is opened.
+    /// A `Sink` whose writes wait until it is opened.
     #[derive(Clone, Default)]
     struct Gated {
         open: Arc<(Mutex<bool>, std::sync::Condvar)>,
-        written: Arc<Mutex<usize>>,
+        sink: Sink,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            let (open, opened) = &*self.open;
+            *open.lock().unwrap() = true;
+            opened.notify_all();
+        }
+    }
+
+    /// Opens the gate when dropped, so that a failing test ends instead of hanging in `LogGuard::drop`.
+    struct OpenOnDrop(Gated);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
     }
 
     impl Write for Gated {
@@ -319,11 +336,10 @@ mod tests {
             while !*is_open {
                 is_open = opened.wait(is_open).unwrap();
             }
-            *self.written.lock().unwrap() += bytes.len();
-            Ok(bytes.len())
+            self.sink.write(bytes)
         }
         fn flush(&mut self) -> io::Result<()> {
-            Ok(())
+            self.sink.flush()
         }
     }
 
@@ -332,13 +348,16 @@ mod tests {
         let sink = Gated::default();
         let writer_sink = sink.clone();
         let (writer, guard) = spawn(move || writer_sink);
+        let _open_at_end = OpenOnDrop(sink.clone());
         let shared = writer.shared.clone().unwrap();
         let line = [b'x'; 1023]
             .iter()
             .chain(b"\n")
             .copied()
             .collect::<Vec<u8>>();
-        let lines = (MAX_PENDING + 2 * FLUSH_AT) / line.len();
+        // The writer may take up to MAX_PENDING in the block it is stuck writing; past that, as much
+        // again must fill the buffer before the logging thread has to wait.
+        let lines = (2 * MAX_PENDING + 2 * FLUSH_AT) / line.len();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let logger = {
             let (writer, line, done) = (writer.clone(), line.clone(), done.clone());
@@ -353,14 +372,12 @@ mod tests {
             shared.lock().room_waiters > 0
         });
         assert!(!done.load(std::sync::atomic::Ordering::SeqCst));
-        let (open, opened) = &*sink.open;
-        *open.lock().unwrap() = true;
-        opened.notify_all();
+        sink.open();
         wait_until("the logging thread gets room", || {
             done.load(std::sync::atomic::Ordering::SeqCst)
         });
         logger.join().unwrap();
         drop(guard);
-        assert_eq!(*sink.written.lock().unwrap(), lines * line.len());
+        assert_eq!(sink.sink.0.lock().unwrap().0.len(), lines * line.len());
     }
 }
